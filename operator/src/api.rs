@@ -1,0 +1,343 @@
+//! The `KubeControllerManager` custom resource and the contract shared by the operator
+//! and the node-helper (signer name, field managers, label keys). Each constant lives here once.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource, and prefix of every key this project owns.
+pub const GROUP: &str = "kcm.kcm-operator.io";
+/// The signerName the operator signs for, and the only one it ever touches.
+pub const SIGNER_NAME: &str = "kcm.kcm-operator.io/kube-controller-manager";
+/// The identity kube-controller-manager runs as (CN and O of its certificate; seed 1.2).
+pub const KCM_USER: &str = "system:kube-controller-manager";
+/// Namespace the node-helper DaemonSet and the operator's Lease live in.
+pub const NAMESPACE: &str = "kcm-operator";
+/// ServiceAccount of the node-helper: the only requestor whose CSRs are approved.
+pub const HELPER_SERVICE_ACCOUNT: &str = "kcm-node-helper";
+/// Field manager for everything the operator writes with server-side apply.
+pub const OPERATOR_MANAGER: &str = "kcm-operator";
+/// Field manager prefix for what a node-helper writes (suffixed with the node name).
+pub const HELPER_MANAGER_PREFIX: &str = "kcm-node-helper";
+/// Label on each CSR naming the node it is for.
+pub const CSR_NODE_LABEL: &str = "kcm.kcm-operator.io/node";
+/// The extra attribute that pod-bound ServiceAccount tokens carry: the node the pod runs on.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The Lease kcm itself elects its leader on (seed 2.5).
+pub const KCM_LEASE: (&str, &str) = ("kube-system", "kube-controller-manager");
+/// Label of control-plane nodes set by kubeadm; the default master selector.
+pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+
+/// Desired state of the highly available kube-controller-manager. Cluster-scoped, one per cluster.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kcm.kcm-operator.io",
+    version = "v1alpha1",
+    kind = "KubeControllerManager",
+    plural = "kubecontrollermanagers",
+    shortname = "kcm",
+    status = "KubeControllerManagerStatus",
+    printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expires"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = "self.metadata.name == 'kube-controller-manager'"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeControllerManagerSpec {
+    /// Labels selecting the masters kcm runs on. Default: kubeadm's control-plane role label.
+    #[serde(default = "default_master_selector")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "size(self) > 0", "message": "masterSelector must select on at least one label"}]))]
+    pub master_selector: BTreeMap<String, String>,
+    /// The apiserver URL written into the kubeconfig (seed: ${KUBE_APISERVER}).
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('https://')", "message": "apiserverUrl must be an https:// URL"}]))]
+    pub apiserver_url: String,
+    /// Cluster name in the kubeconfig and `--cluster-name` (seed: kubernetes).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// `--service-cluster-ip-range` (seed: ${SERVICE_CIDR}).
+    #[serde(default = "default_service_cidr")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "isCIDR(self)", "message": "serviceClusterIpRange must be a CIDR"}]))]
+    pub service_cluster_ip_range: String,
+    #[serde(default)]
+    pub certificate: CertificateSpec,
+    #[serde(default)]
+    pub kcm: KcmSpec,
+    #[serde(default)]
+    pub paths: HostPaths,
+    /// Stop all rollouts and renewals; status is still reported.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// The kcm certificate and how it is renewed.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateSpec {
+    /// Validity of each certificate, in hours (seed: 8760h, one year).
+    #[serde(default = "default_validity_hours")]
+    #[schemars(range(min = 1, max = 87600))]
+    pub validity_hours: u32,
+    /// Renew when this share of the validity (percent) remains.
+    #[serde(default = "default_renew_percent")]
+    #[schemars(range(min = 5, max = 90))]
+    pub renew_when_remaining_percent: u8,
+    #[serde(default)]
+    pub key_algorithm: KeyAlgorithm,
+    /// How the client certificate appears in the kubeconfig.
+    #[serde(default)]
+    pub kubeconfig_mode: KubeconfigMode,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KeyAlgorithm {
+    /// RSA 2048, as the seed's cfssl request.
+    #[default]
+    #[serde(rename = "RSA2048")]
+    Rsa2048,
+    /// ECDSA on P-256.
+    #[serde(rename = "ECDSAP256")]
+    EcdsaP256,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KubeconfigMode {
+    /// Client cert and key referenced by path: renewal is a file swap, kcm reloads, no restart.
+    #[default]
+    Referenced,
+    /// Client cert and key embedded, as the seed's `--embed-certs=true`; renewal restarts kcm.
+    Embedded,
+}
+
+/// The kcm binary, its ports and flags.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KcmSpec {
+    /// Path of the kube-controller-manager binary on the masters.
+    #[serde(default = "default_binary_path")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "binaryPath must be absolute"}]))]
+    pub binary_path: String,
+    /// `--secure-port` (seed: 10252).
+    #[serde(default = "default_secure_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub secure_port: u16,
+    /// `WorkingDirectory=` of the unit (seed: ${K8S_DIR}/kube-controller-manager).
+    #[serde(default = "default_working_dir")]
+    pub working_dir: String,
+    /// `--v` (seed: 2).
+    #[serde(default = "default_verbosity")]
+    pub verbosity: u8,
+    /// Flags added to, or overriding, the seed's set (name without `--`). An empty value
+    /// renders `--name=""`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(k, k.matches('^[a-z0-9][a-z0-9-]*$'))", "message": "flag names are lowercase words with dashes, without leading --"}]))]
+    pub extra_args: BTreeMap<String, String>,
+    /// Flags of the seed's set to leave out (name without `--`).
+    #[serde(default)]
+    pub removed_args: Vec<String>,
+    /// Seconds a node's kcm has to answer /healthz after a restart before it is rolled back.
+    #[serde(default = "default_health_timeout")]
+    #[schemars(range(min = 10, max = 900))]
+    pub health_timeout_seconds: u32,
+}
+
+/// Where the files live on the masters. Defaults: the seed's layout.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPaths {
+    /// Cluster CA certificate (`--client-ca-file`, `--root-ca-file`, kubeconfig CA).
+    #[serde(default = "default_ca_cert")]
+    pub ca_cert: String,
+    /// Cluster CA key (`--cluster-signing-key-file`), also what the operator signs with.
+    #[serde(default = "default_ca_key")]
+    pub ca_key: String,
+    /// CA for request-header authentication (seed: the cluster CA; kubeadm: front-proxy-ca.crt).
+    #[serde(default = "default_ca_cert")]
+    pub requestheader_ca_cert: String,
+    /// ServiceAccount token signing key (seed: ca-key.pem; kubeadm: sa.key).
+    #[serde(default = "default_ca_key")]
+    pub service_account_key: String,
+    /// The kcm certificate written by the helper.
+    #[serde(default = "default_cert")]
+    pub cert: String,
+    /// The kcm private key written by the helper (0600).
+    #[serde(default = "default_key")]
+    pub key: String,
+    #[serde(default = "default_kubeconfig")]
+    pub kubeconfig: String,
+    #[serde(default = "default_unit")]
+    pub unit: String,
+    /// kubeadm's static pod manifest for kcm, moved aside on adoption (empty: none).
+    #[serde(default = "default_static_pod")]
+    pub static_pod_manifest: String,
+}
+
+fn default_master_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([(CONTROL_PLANE_LABEL.to_string(), String::new())])
+}
+fn default_cluster_name() -> String {
+    "kubernetes".into()
+}
+fn default_service_cidr() -> String {
+    "10.254.0.0/16".into()
+}
+fn default_validity_hours() -> u32 {
+    8760
+}
+fn default_renew_percent() -> u8 {
+    20
+}
+fn default_binary_path() -> String {
+    "/opt/k8s/bin/kube-controller-manager".into()
+}
+fn default_secure_port() -> u16 {
+    10252
+}
+fn default_working_dir() -> String {
+    "/data/k8s/k8s/kube-controller-manager".into()
+}
+fn default_verbosity() -> u8 {
+    2
+}
+fn default_health_timeout() -> u32 {
+    120
+}
+fn default_ca_cert() -> String {
+    "/etc/kubernetes/cert/ca.pem".into()
+}
+fn default_ca_key() -> String {
+    "/etc/kubernetes/cert/ca-key.pem".into()
+}
+fn default_cert() -> String {
+    "/etc/kubernetes/cert/kube-controller-manager.pem".into()
+}
+fn default_key() -> String {
+    "/etc/kubernetes/cert/kube-controller-manager-key.pem".into()
+}
+fn default_kubeconfig() -> String {
+    "/etc/kubernetes/kube-controller-manager.kubeconfig".into()
+}
+fn default_unit() -> String {
+    "/etc/systemd/system/kube-controller-manager.service".into()
+}
+fn default_static_pod() -> String {
+    "/etc/kubernetes/manifests/kube-controller-manager.yaml".into()
+}
+
+impl Default for CertificateSpec {
+    fn default() -> Self {
+        Self {
+            validity_hours: default_validity_hours(),
+            renew_when_remaining_percent: default_renew_percent(),
+            key_algorithm: KeyAlgorithm::default(),
+            kubeconfig_mode: KubeconfigMode::default(),
+        }
+    }
+}
+
+impl Default for KcmSpec {
+    fn default() -> Self {
+        Self {
+            binary_path: default_binary_path(),
+            secure_port: default_secure_port(),
+            working_dir: default_working_dir(),
+            verbosity: default_verbosity(),
+            extra_args: BTreeMap::new(),
+            removed_args: Vec::new(),
+            health_timeout_seconds: default_health_timeout(),
+        }
+    }
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            ca_cert: default_ca_cert(),
+            ca_key: default_ca_key(),
+            requestheader_ca_cert: default_ca_cert(),
+            service_account_key: default_ca_key(),
+            cert: default_cert(),
+            key: default_key(),
+            kubeconfig: default_kubeconfig(),
+            unit: default_unit(),
+            static_pod_manifest: default_static_pod(),
+        }
+    }
+}
+
+impl HostPaths {
+    /// Every path the helper reads or writes, with its name, for validation.
+    pub fn all(&self) -> [(&'static str, &str); 9] {
+        [
+            ("caCert", &self.ca_cert),
+            ("caKey", &self.ca_key),
+            ("requestheaderCaCert", &self.requestheader_ca_cert),
+            ("serviceAccountKey", &self.service_account_key),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("kubeconfig", &self.kubeconfig),
+            ("unit", &self.unit),
+            ("staticPodManifest", &self.static_pod_manifest),
+        ]
+    }
+}
+
+/// Observed state, written by the operator (and per-node reports by each helper).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeControllerManagerStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Holder of Lease kube-system/kube-controller-manager, as a node name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Healthy masters / selected masters, e.g. "3/3".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Earliest certificate expiry among the masters (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub nodes: Vec<NodeStatus>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// What is installed on one master.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    /// Revision the operator wants on this node (set by the operator when it is the node's turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_revision: Option<String>,
+    /// Revision the helper last installed successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+    /// Revision the helper tried and rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    /// Hex serial of the installed certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+    /// notAfter of the installed certificate (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// kube-controller-manager version found on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kcm_version: Option<String>,
+    #[serde(default)]
+    pub unit_active: bool,
+    #[serde(default)]
+    pub healthy: bool,
+    /// Flags dropped or translated for this node's kcm version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

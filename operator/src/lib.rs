@@ -1,0 +1,6 @@
+//! kcm-operator: deploys and keeps alive a highly available kube-controller-manager.
+pub mod api;
+pub mod flags;
+pub mod pki;
+pub mod render;
+pub mod signer;

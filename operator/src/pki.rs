@@ -1,0 +1,226 @@
+//! x509 work shared by the signer and the node-helper: a master's identity (the SANs its
+//! certificate must carry), keys, CSRs, and reading certificates back.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::api::core::v1::Node;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::api::{KeyAlgorithm, KCM_USER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{what}: not valid PEM")]
+    Pem { what: String },
+    #[error("{what}: cannot parse: {reason}")]
+    Parse { what: String, reason: String },
+    #[error("{what}: {source}")]
+    Rcgen { what: String, source: rcgen::Error },
+    #[error("node {0} has no InternalIP or ExternalIP address")]
+    NoAddress(String),
+}
+pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+/// Who a master is, as far as its certificate goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub hostname: String,
+    /// InternalIP and ExternalIP addresses of the node, InternalIP first.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The SANs a master's kcm certificate carries: its own addresses, 127.0.0.1, localhost,
+/// its hostname (seed 1.2: the hosts list, narrowed to one node).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sans {
+    pub dns: BTreeSet<String>,
+    pub ips: BTreeSet<IpAddr>,
+}
+
+impl NodeIdentity {
+    pub fn from_node(node: &Node) -> Result<Self> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let addrs = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
+        let mut ips = Vec::new();
+        for kind in ["InternalIP", "ExternalIP"] {
+            for a in addrs.iter().filter(|a| a.type_ == kind) {
+                if let Ok(ip) = a.address.parse::<IpAddr>() {
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+        if ips.is_empty() {
+            return Err(PkiError::NoAddress(name));
+        }
+        let hostname = addrs.iter().find(|a| a.type_ == "Hostname").map(|a| a.address.clone()).unwrap_or_else(|| name.clone());
+        Ok(Self { name, hostname, ips })
+    }
+
+    /// The address kcm binds to on this node (`--bind-address`).
+    pub fn primary_ip(&self) -> IpAddr {
+        self.ips[0]
+    }
+
+    pub fn expected_sans(&self) -> Sans {
+        let mut ips: BTreeSet<IpAddr> = self.ips.iter().copied().collect();
+        ips.insert(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let dns = [self.hostname.clone(), "localhost".to_string()].into_iter().collect();
+        Sans { dns, ips }
+    }
+}
+
+/// A fresh private key of the spec's algorithm.
+pub fn generate_key(alg: KeyAlgorithm) -> Result<KeyPair> {
+    let sig = match alg {
+        KeyAlgorithm::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+        KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+    };
+    // aws-lc-rs generates RSA keys of 2048 bits for PKCS_RSA_SHA256.
+    KeyPair::generate_for(sig).map_err(|source| PkiError::Rcgen { what: "generating key".into(), source })
+}
+
+pub fn key_from_pem(pem: &str, what: &str) -> Result<KeyPair> {
+    KeyPair::from_pem(pem).map_err(|source| PkiError::Rcgen { what: what.into(), source })
+}
+
+/// The CSR a master's helper submits: CN and O `system:kube-controller-manager`, its SANs.
+pub fn make_csr(key: &KeyPair, sans: &Sans) -> Result<String> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, KCM_USER);
+    dn.push(DnType::OrganizationName, KCM_USER);
+    params.distinguished_name = dn;
+    let err = |source| PkiError::Rcgen { what: "building CSR".into(), source };
+    for d in &sans.dns {
+        params.subject_alt_names.push(SanType::DnsName(d.clone().try_into().map_err(err)?));
+    }
+    for ip in &sans.ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.serialize_request(key).map_err(err)?.pem().map_err(err)
+}
+
+/// Decodes the first PEM block of `pem` whose label is `label`.
+pub fn pem_block(pem: &[u8], label: &str, what: &str) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(pem).map_err(|_| PkiError::Pem { what: what.into() })?;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin).ok_or_else(|| PkiError::Pem { what: what.into() })? + begin.len();
+    let stop = text[start..].find(&end).ok_or_else(|| PkiError::Pem { what: what.into() })? + start;
+    let b64: String = text[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| PkiError::Pem { what: what.into() })
+}
+
+/// What the helper and the operator need to know of an installed certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub serial_hex: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub common_name: Option<String>,
+    pub sans: Sans,
+    /// DER of the SubjectPublicKeyInfo, to match against a key.
+    pub spki_der: Vec<u8>,
+}
+
+impl CertInfo {
+    pub fn from_pem(pem: &[u8], what: &str) -> Result<Self> {
+        let der = pem_block(pem, "CERTIFICATE", what)?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse { what: what.into(), reason: e.to_string() })?;
+        let mut sans = Sans::default();
+        for ext in cert.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for n in &san.general_names {
+                    match n {
+                        GeneralName::DNSName(d) => {
+                            sans.dns.insert(d.to_string());
+                        }
+                        GeneralName::IPAddress(b) => {
+                            if let Some(ip) = ip_from_bytes(b) {
+                                sans.ips.insert(ip);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let common_name = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).map(str::to_string);
+        Ok(Self {
+            serial_hex: cert.raw_serial_as_string().replace(':', ""),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            common_name,
+            sans,
+            spki_der: cert.tbs_certificate.subject_pki.raw.to_vec(),
+        })
+    }
+
+    /// Whether `key` is the private half of this certificate's public key.
+    pub fn matches_key(&self, key: &KeyPair) -> bool {
+        use rcgen::PublicKeyData;
+        key.subject_public_key_info() == self.spki_der
+    }
+}
+
+pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+/// RFC 3339 rendering of a unix time, for status fields.
+pub fn rfc3339(unix: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_else(|_| unix.to_string())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn identity() -> NodeIdentity {
+        NodeIdentity { name: "k8smaster01".into(), hostname: "k8smaster01".into(), ips: vec!["172.24.8.71".parse().unwrap()] }
+    }
+
+    #[test]
+    fn sans_are_own_ips_loopback_hostname_localhost() {
+        let s = identity().expected_sans();
+        assert_eq!(s.dns.iter().map(String::as_str).collect::<Vec<_>>(), ["k8smaster01", "localhost"]);
+        assert_eq!(s.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["127.0.0.1", "172.24.8.71"]);
+    }
+
+    #[test]
+    fn node_identity_from_node_object() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kcm-control-plane"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "kcm-control-plane"},
+                {"type": "InternalIP", "address": "172.18.0.3"},
+                {"type": "InternalIP", "address": "fc00::3"}
+            ]}
+        }))
+        .unwrap();
+        let id = NodeIdentity::from_node(&node).unwrap();
+        assert_eq!(id.primary_ip().to_string(), "172.18.0.3");
+        assert_eq!(id.ips.len(), 2);
+        let bare: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+        assert!(matches!(NodeIdentity::from_node(&bare), Err(PkiError::NoAddress(n)) if n == "x"));
+    }
+
+    #[test]
+    fn csr_round_trips_and_keys_match() {
+        let key = generate_key(KeyAlgorithm::EcdsaP256).unwrap();
+        let pem = make_csr(&key, &identity().expected_sans()).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        assert!(pem_block(pem.as_bytes(), "CERTIFICATE REQUEST", "csr").is_ok());
+        assert!(matches!(pem_block(b"garbage", "CERTIFICATE", "x"), Err(PkiError::Pem { .. })));
+    }
+}

@@ -1,0 +1,547 @@
+//! The signer for [`SIGNER_NAME`]: which CSRs are approved (every rule must hold; the
+//! first that fails names the denial), and signing with the cluster CA. Pure: the caller
+//! fetches the CSR, the node and the CA.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
+use x509_parser::public_key::PublicKey;
+
+use crate::api::{KeyAlgorithm, KCM_USER, NODE_NAME_EXTRA, SIGNER_NAME};
+use crate::pki::{ip_from_bytes, pem_block, CertInfo, NodeIdentity, PkiError, Sans};
+
+/// The rules a CSR must pass, in the order they are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Requested by the node-helper's ServiceAccount.
+    Requestor,
+    /// The requestor's token is bound to a pod on a node, and the CSR names that node.
+    NodeBinding,
+    /// That node exists and is a master.
+    NodeIsMaster,
+    /// The request is one PEM CSR whose signature verifies.
+    RequestParses,
+    /// Subject is exactly CN=O=system:kube-controller-manager.
+    Subject,
+    /// SANs are exactly the node's addresses, 127.0.0.1, localhost and its hostname.
+    SubjectAltNames,
+    /// Usages are exactly those kcm needs.
+    Usages,
+    /// Key type and size are the spec's.
+    KeyAlgorithm,
+}
+
+impl Rule {
+    /// PascalCase reason for the CSR's Denied condition.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rule::Requestor => "RequestorNotNodeHelper",
+            Rule::NodeBinding => "RequestorNotBoundToNode",
+            Rule::NodeIsMaster => "NodeNotMaster",
+            Rule::RequestParses => "InvalidRequest",
+            Rule::Subject => "SubjectMismatch",
+            Rule::SubjectAltNames => "SubjectAltNamesMismatch",
+            Rule::Usages => "UsagesMismatch",
+            Rule::KeyAlgorithm => "KeyAlgorithmNotAllowed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub rule: Rule,
+    pub message: String,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.rule.reason(), self.message)
+    }
+}
+
+fn deny<T>(rule: Rule, message: impl Into<String>) -> Result<T, Denial> {
+    Err(Denial { rule, message: message.into() })
+}
+
+/// The facts of one CSR object the rules look at.
+#[derive(Clone, Debug)]
+pub struct CsrFacts<'a> {
+    pub username: &'a str,
+    pub extra: &'a BTreeMap<String, Vec<String>>,
+    pub usages: &'a [String],
+    /// `spec.request`: PEM bytes.
+    pub request: &'a [u8],
+    /// The node the CSR says it is for (its [`crate::api::CSR_NODE_LABEL`]).
+    pub node_label: Option<&'a str>,
+}
+
+/// What the signer knows about a node the CSR may be for.
+#[derive(Clone, Debug)]
+pub struct NodeFacts {
+    pub identity: NodeIdentity,
+    pub is_master: bool,
+}
+
+/// The signer's settings.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// `system:serviceaccount:<namespace>:<name>` of the node-helper.
+    pub helper_username: String,
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// A CSR that passed every rule.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub node: String,
+    pub sans: Sans,
+    pub usages: Vec<String>,
+    csr_der: Vec<u8>,
+}
+
+/// Usages kcm needs: client auth to the apiserver, server auth on its secure port.
+pub fn expected_usages(alg: KeyAlgorithm) -> &'static [&'static str] {
+    match alg {
+        KeyAlgorithm::Rsa2048 => &["digital signature", "key encipherment", "client auth", "server auth"],
+        KeyAlgorithm::EcdsaP256 => &["digital signature", "client auth", "server auth"],
+    }
+}
+
+/// Checks every rule; `node` looks a node up by name.
+pub fn check(csr: &CsrFacts<'_>, node: impl Fn(&str) -> Option<NodeFacts>, policy: &Policy) -> Result<Accepted, Denial> {
+    if csr.username != policy.helper_username {
+        return deny(Rule::Requestor, format!("requested by {:?}, only {:?} may request", csr.username, policy.helper_username));
+    }
+    let bound: Vec<&String> = csr.extra.get(NODE_NAME_EXTRA).map(|v| v.iter().collect()).unwrap_or_default();
+    let [bound] = bound.as_slice() else {
+        return deny(Rule::NodeBinding, format!("the requestor's token carries no single {NODE_NAME_EXTRA} (not a pod-bound token)"));
+    };
+    match csr.node_label {
+        Some(label) if label == bound.as_str() => {}
+        Some(label) => return deny(Rule::NodeBinding, format!("CSR is for node {label:?} but was requested from a pod on node {bound:?}")),
+        None => return deny(Rule::NodeBinding, "CSR does not name its node (label missing)"),
+    }
+    let Some(node) = node(bound) else {
+        return deny(Rule::NodeIsMaster, format!("node {bound:?} does not exist or has no address"));
+    };
+    if !node.is_master {
+        return deny(Rule::NodeIsMaster, format!("node {bound:?} is not selected as a master"));
+    }
+
+    let der = pem_block(csr.request, "CERTIFICATE REQUEST", "request").map_err(|e| Denial { rule: Rule::RequestParses, message: e.to_string() })?;
+    let (rest, req) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| Denial { rule: Rule::RequestParses, message: format!("not a PKCS#10 request: {e}") })?;
+    if !rest.is_empty() {
+        return deny(Rule::RequestParses, "trailing bytes after the request");
+    }
+    if req.verify_signature().is_err() {
+        return deny(Rule::RequestParses, "the request's signature does not verify");
+    }
+
+    let info = &req.certification_request_info;
+    let mut cn = Vec::new();
+    let mut org = Vec::new();
+    let mut other = Vec::new();
+    for attr in info.subject.iter_attributes() {
+        let value = attr.as_str().unwrap_or("<non-string>").to_string();
+        match attr.attr_type().to_id_string().as_str() {
+            "2.5.4.3" => cn.push(value),
+            "2.5.4.10" => org.push(value),
+            oid => other.push(format!("{oid}={value}")),
+        }
+    }
+    if cn != [KCM_USER] || org != [KCM_USER] || !other.is_empty() {
+        return deny(Rule::Subject, format!("subject must be exactly CN={KCM_USER}, O={KCM_USER}; got CN={cn:?} O={org:?} other={other:?}"));
+    }
+
+    let mut sans = Sans::default();
+    let mut foreign = Vec::new();
+    for ext in req.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for n in &san.general_names {
+                    match n {
+                        GeneralName::DNSName(d) => {
+                            sans.dns.insert(d.to_string());
+                        }
+                        GeneralName::IPAddress(b) => match ip_from_bytes(b) {
+                            Some(ip) => {
+                                sans.ips.insert(ip);
+                            }
+                            None => foreign.push("malformed IP".to_string()),
+                        },
+                        other => foreign.push(format!("{other}")),
+                    }
+                }
+            }
+            ParsedExtension::KeyUsage(_) | ParsedExtension::ExtendedKeyUsage(_) => {}
+            other => return deny(Rule::RequestParses, format!("unsupported requested extension {other:?}")),
+        }
+    }
+    let want = node.identity.expected_sans();
+    if !foreign.is_empty() {
+        return deny(Rule::SubjectAltNames, format!("only DNS and IP SANs are allowed; got {foreign:?}"));
+    }
+    if sans != want {
+        return deny(
+            Rule::SubjectAltNames,
+            format!("SANs must be exactly DNS {:?} IP {:?}; got DNS {:?} IP {:?}", want.dns, want.ips, sans.dns, sans.ips),
+        );
+    }
+
+    let wanted: BTreeSet<&str> = expected_usages(policy.key_algorithm).iter().copied().collect();
+    let got: BTreeSet<&str> = csr.usages.iter().map(String::as_str).collect();
+    if got != wanted || got.len() != csr.usages.len() {
+        return deny(Rule::Usages, format!("usages must be exactly {wanted:?}; got {:?}", csr.usages));
+    }
+
+    let key = match info.subject_pki.parsed() {
+        Ok(PublicKey::RSA(rsa)) => format!("RSA-{}", rsa.key_size()),
+        Ok(PublicKey::EC(point)) => {
+            let curve = info.subject_pki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7") => format!("ECDSA-P256/{}", point.key_size()),
+                other => format!("ECDSA-{}", other.unwrap_or("unknown-curve")),
+            }
+        }
+        Ok(other) => format!("{other:?}").split('(').next().unwrap_or("unknown").to_string(),
+        Err(e) => return deny(Rule::RequestParses, format!("cannot read public key: {e}")),
+    };
+    let allowed = match policy.key_algorithm {
+        KeyAlgorithm::Rsa2048 => "RSA-2048",
+        KeyAlgorithm::EcdsaP256 => "ECDSA-P256/256",
+    };
+    if key != allowed {
+        return deny(Rule::KeyAlgorithm, format!("key must be {allowed}; got {key}"));
+    }
+
+    Ok(Accepted { node: node.identity.name.clone(), sans, usages: csr.usages.to_vec(), csr_der: der })
+}
+
+/// The cluster CA, as read from the host.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub info: CertInfo,
+}
+
+impl Ca {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = crate::pki::key_from_pem(key_pem, "CA key")?;
+        let info = CertInfo::from_pem(cert_pem.as_bytes(), "CA certificate")?;
+        if !info.matches_key(&key) {
+            return Err(PkiError::Parse { what: "CA key".into(), reason: "does not belong to the CA certificate".into() });
+        }
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| PkiError::Rcgen { what: "CA certificate".into(), source })?;
+        Ok(Self { issuer, info })
+    }
+}
+
+/// Signs an accepted request: validity `min(validity, expirationSeconds)`, never past the
+/// CA's own notAfter; backdated 5 minutes for clock skew. Returns PEM.
+pub fn sign(accepted: &Accepted, ca: &Ca, now: i64, validity_secs: i64, expiration_seconds: Option<i32>) -> Result<String, PkiError> {
+    let err = |source| PkiError::Rcgen { what: "signing".into(), source };
+    let csr = CertificateSigningRequestParams::from_der(&accepted.csr_der.as_slice().into()).map_err(err)?;
+    let lifetime = expiration_seconds.map(i64::from).map_or(validity_secs, |e| e.min(validity_secs));
+    let not_after = (now + lifetime).min(ca.info.not_after);
+    let ts = |t: i64| time::OffsetDateTime::from_unix_timestamp(t).map_err(|e| PkiError::Parse { what: "time".into(), reason: e.to_string() });
+
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, KCM_USER);
+    dn.push(DnType::OrganizationName, KCM_USER);
+    params.distinguished_name = dn;
+    params.not_before = ts(now - 300)?;
+    params.not_after = ts(not_after)?;
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Parse { what: "serial".into(), reason: "no randomness".into() })?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    for d in &accepted.sans.dns {
+        params.subject_alt_names.push(SanType::DnsName(d.clone().try_into().map_err(err)?));
+    }
+    for ip in &accepted.sans.ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    for u in &accepted.usages {
+        match u.as_str() {
+            "digital signature" => params.key_usages.push(KeyUsagePurpose::DigitalSignature),
+            "key encipherment" => params.key_usages.push(KeyUsagePurpose::KeyEncipherment),
+            "client auth" => params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth),
+            "server auth" => params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth),
+            _ => {}
+        }
+    }
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&csr.public_key, &ca.issuer).map_err(err)?;
+    Ok(cert.pem())
+}
+
+/// Whether a signer name is ours: we never touch any other.
+pub fn is_ours(signer_name: &str) -> bool {
+    signer_name == SIGNER_NAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{generate_key, make_csr, tests::identity};
+
+    const HELPER: &str = "system:serviceaccount:kcm-operator:kcm-node-helper";
+
+    fn policy(alg: KeyAlgorithm) -> Policy {
+        Policy { helper_username: HELPER.into(), key_algorithm: alg }
+    }
+
+    fn lookup(name: &str) -> Option<NodeFacts> {
+        match name {
+            "k8smaster01" => Some(NodeFacts { identity: identity(), is_master: true }),
+            "worker1" => Some(NodeFacts {
+                identity: NodeIdentity { name: "worker1".into(), hostname: "worker1".into(), ips: vec!["172.24.8.90".parse().unwrap()] },
+                is_master: false,
+            }),
+            _ => None,
+        }
+    }
+
+    struct Case {
+        username: String,
+        extra: BTreeMap<String, Vec<String>>,
+        usages: Vec<String>,
+        request: Vec<u8>,
+        label: Option<String>,
+    }
+
+    impl Case {
+        /// A request that passes every rule for `alg`.
+        fn good(alg: KeyAlgorithm) -> Self {
+            let key = generate_key(alg).unwrap();
+            Self::with_csr(alg, make_csr(&key, &identity().expected_sans()).unwrap())
+        }
+        fn with_csr(alg: KeyAlgorithm, pem: String) -> Self {
+            Case {
+                username: HELPER.into(),
+                extra: BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec!["k8smaster01".to_string()])]),
+                usages: expected_usages(alg).iter().map(|s| s.to_string()).collect(),
+                request: pem.into_bytes(),
+                label: Some("k8smaster01".into()),
+            }
+        }
+        fn check(&self, alg: KeyAlgorithm) -> Result<Accepted, Denial> {
+            let facts = CsrFacts {
+                username: &self.username,
+                extra: &self.extra,
+                usages: &self.usages,
+                request: &self.request,
+                node_label: self.label.as_deref(),
+            };
+            check(&facts, lookup, &policy(alg))
+        }
+    }
+
+    fn denied(case: &Case, alg: KeyAlgorithm, rule: Rule) -> String {
+        match case.check(alg) {
+            Err(d) => {
+                assert_eq!(d.rule, rule, "{d}");
+                d.message
+            }
+            Ok(_) => panic!("expected {rule:?} denial, got approval"),
+        }
+    }
+
+    fn csr_with(sans: Vec<SanType>, dn: &[(DnType, &str)], alg: &'static rcgen::SignatureAlgorithm) -> String {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut p = CertificateParams::default();
+        let mut d = DistinguishedName::new();
+        for (t, v) in dn {
+            d.push(t.clone(), *v);
+        }
+        p.distinguished_name = d;
+        p.subject_alt_names = sans;
+        p.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    fn good_sans() -> Vec<SanType> {
+        vec![
+            SanType::DnsName("k8smaster01".try_into().unwrap()),
+            SanType::DnsName("localhost".try_into().unwrap()),
+            SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            SanType::IpAddress("172.24.8.71".parse().unwrap()),
+        ]
+    }
+    const KCM_DN: &[(DnType, &str)] = &[(DnType::CommonName, KCM_USER), (DnType::OrganizationName, KCM_USER)];
+
+    #[test]
+    fn good_requests_pass_for_both_algorithms() {
+        for alg in [KeyAlgorithm::Rsa2048, KeyAlgorithm::EcdsaP256] {
+            let a = Case::good(alg).check(alg).unwrap();
+            assert_eq!(a.node, "k8smaster01");
+        }
+    }
+
+    #[test]
+    fn rule_requestor() {
+        let mut c = Case::good(KeyAlgorithm::EcdsaP256);
+        c.username = "system:serviceaccount:default:default".into();
+        denied(&c, KeyAlgorithm::EcdsaP256, Rule::Requestor);
+    }
+
+    #[test]
+    fn rule_node_binding() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let mut c = Case::good(alg);
+        c.extra.clear();
+        denied(&c, alg, Rule::NodeBinding);
+        let mut c = Case::good(alg);
+        c.label = Some("k8smaster02".into());
+        assert!(denied(&c, alg, Rule::NodeBinding).contains("k8smaster02"));
+        let mut c = Case::good(alg);
+        c.label = None;
+        denied(&c, alg, Rule::NodeBinding);
+    }
+
+    #[test]
+    fn rule_node_is_master() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let mut c = Case::good(alg);
+        c.extra.insert(NODE_NAME_EXTRA.into(), vec!["worker1".into()]);
+        c.label = Some("worker1".into());
+        denied(&c, alg, Rule::NodeIsMaster);
+        c.extra.insert(NODE_NAME_EXTRA.into(), vec!["ghost".into()]);
+        c.label = Some("ghost".into());
+        denied(&c, alg, Rule::NodeIsMaster);
+    }
+
+    #[test]
+    fn rule_request_parses() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let mut c = Case::good(alg);
+        c.request = b"-----BEGIN CERTIFICATE REQUEST-----\nnot base64!\n-----END CERTIFICATE REQUEST-----\n".to_vec();
+        denied(&c, alg, Rule::RequestParses);
+        let mut c = Case::good(alg);
+        c.request = b"hello".to_vec();
+        denied(&c, alg, Rule::RequestParses);
+        // A valid request whose signature was tampered with.
+        let mut c = Case::good(alg);
+        let der = pem_block(&c.request, "CERTIFICATE REQUEST", "t").unwrap();
+        let mut bad = der.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0x55;
+        use base64::Engine;
+        c.request = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::engine::general_purpose::STANDARD.encode(bad)
+        )
+        .into_bytes();
+        denied(&c, alg, Rule::RequestParses);
+    }
+
+    #[test]
+    fn rule_subject() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let sig = &rcgen::PKCS_ECDSA_P256_SHA256;
+        for dn in [
+            &[(DnType::CommonName, "system:admin"), (DnType::OrganizationName, KCM_USER)][..],
+            &[(DnType::CommonName, KCM_USER), (DnType::OrganizationName, "system:masters")][..],
+            &[(DnType::CommonName, KCM_USER)][..],
+            &[(DnType::CommonName, KCM_USER), (DnType::OrganizationName, KCM_USER), (DnType::OrganizationName, "system:masters")][..],
+            &[(DnType::CommonName, KCM_USER), (DnType::OrganizationName, KCM_USER), (DnType::OrganizationalUnitName, "System")][..],
+        ] {
+            let c = Case::with_csr(alg, csr_with(good_sans(), dn, sig));
+            denied(&c, alg, Rule::Subject);
+        }
+    }
+
+    #[test]
+    fn rule_subject_alt_names() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let sig = &rcgen::PKCS_ECDSA_P256_SHA256;
+        let mut extra_ip = good_sans();
+        extra_ip.push(SanType::IpAddress("172.24.8.72".parse().unwrap()));
+        let mut missing = good_sans();
+        missing.pop();
+        let mut email = good_sans();
+        email.push(SanType::Rfc822Name("a@b.c".try_into().unwrap()));
+        let mut uri = good_sans();
+        uri.push(SanType::URI("spiffe://x".try_into().unwrap()));
+        let mut other_host = good_sans();
+        other_host[0] = SanType::DnsName("kubernetes.default".try_into().unwrap());
+        for sans in [extra_ip, missing, email, uri, other_host] {
+            let c = Case::with_csr(alg, csr_with(sans, KCM_DN, sig));
+            denied(&c, alg, Rule::SubjectAltNames);
+        }
+    }
+
+    #[test]
+    fn rule_usages() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        for usages in [
+            vec!["digital signature", "client auth"],
+            vec!["digital signature", "client auth", "server auth", "code signing"],
+            vec!["digital signature", "client auth", "server auth", "server auth"],
+            vec![],
+        ] {
+            let mut c = Case::good(alg);
+            c.usages = usages.into_iter().map(String::from).collect();
+            denied(&c, alg, Rule::Usages);
+        }
+    }
+
+    #[test]
+    fn rule_key_algorithm() {
+        // An ECDSA key where the spec asks for RSA-2048, and the other way round.
+        let c = Case::with_csr(KeyAlgorithm::Rsa2048, csr_with(good_sans(), KCM_DN, &rcgen::PKCS_ECDSA_P256_SHA256));
+        assert!(denied(&c, KeyAlgorithm::Rsa2048, Rule::KeyAlgorithm).contains("ECDSA"));
+        let c = Case::with_csr(KeyAlgorithm::EcdsaP256, csr_with(good_sans(), KCM_DN, &rcgen::PKCS_ECDSA_P384_SHA384));
+        denied(&c, KeyAlgorithm::EcdsaP256, Rule::KeyAlgorithm);
+    }
+
+    fn test_ca() -> (String, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "kubernetes");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn signs_with_ca_and_bounds_validity() {
+        let alg = KeyAlgorithm::Rsa2048;
+        let accepted = Case::good(alg).check(alg).unwrap();
+        let (ca_pem, ca_key) = test_ca();
+        let ca = Ca::from_pem(&ca_pem, &ca_key).unwrap();
+        let now = 1_800_000_000;
+        let pem = sign(&accepted, &ca, now, 8760 * 3600, None).unwrap();
+        let info = CertInfo::from_pem(pem.as_bytes(), "issued").unwrap();
+        assert_eq!(info.common_name.as_deref(), Some(KCM_USER));
+        assert_eq!(info.not_after, now + 8760 * 3600);
+        assert_eq!(info.sans, identity().expected_sans());
+        let short = sign(&accepted, &ca, now, 8760 * 3600, Some(3600)).unwrap();
+        assert_eq!(CertInfo::from_pem(short.as_bytes(), "s").unwrap().not_after, now + 3600);
+        // Never past the CA's own expiry.
+        let capped = sign(&accepted, &ca, 1_999_000_000, 8760 * 3600, None).unwrap();
+        assert_eq!(CertInfo::from_pem(capped.as_bytes(), "c").unwrap().not_after, 2_000_000_000);
+        let other = sign(&accepted, &ca, now, 3600, None).unwrap();
+        assert_ne!(CertInfo::from_pem(other.as_bytes(), "o").unwrap().serial_hex, info.serial_hex);
+    }
+
+    #[test]
+    fn ca_key_must_match_ca_cert() {
+        let (ca_pem, _) = test_ca();
+        let (_, other_key) = test_ca();
+        assert!(Ca::from_pem(&ca_pem, &other_key).is_err());
+        assert!(Ca::from_pem("nope", "nope").is_err());
+    }
+
+    #[test]
+    fn only_our_signer() {
+        assert!(is_ours(SIGNER_NAME));
+        assert!(!is_ours("kubernetes.io/kube-apiserver-client"));
+    }
+}
