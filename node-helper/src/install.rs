@@ -1,0 +1,225 @@
+//! One master's install: check every path, read the CA and the kcm version on the host,
+//! render the unit, get a certificate through the CSR API, then write key, cert,
+//! kubeconfig and unit atomically. Nothing is written before every input is known good.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::ByteString;
+use kcm_operator::api::{KubeControllerManagerSpec, CSR_NODE_LABEL, SIGNER_NAME};
+use kcm_operator::flags::{parse_help, FlagError, KcmVersion};
+use kcm_operator::pki::{self, CertInfo, NodeIdentity, PkiError};
+use kcm_operator::render::{self, ClientCredentials, NodeFiles};
+use kcm_operator::signer::expected_usages;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+
+use crate::host::{HostError, HostFs, HostPath};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    #[error("running {binary} {arg}: {reason}")]
+    Kcm { binary: String, arg: &'static str, reason: String },
+    #[error("{what}: {source}")]
+    Kube { what: String, source: kube::Error },
+    #[error("CSR {name} was denied: {reason}: {message}")]
+    Denied { name: String, reason: String, message: String },
+    #[error("CSR {name} failed: {message}")]
+    Failed { name: String, message: String },
+    #[error("CSR {name}: no certificate within {secs}s (is the operator running?)")]
+    Timeout { name: String, secs: u64 },
+}
+pub type Result<T, E = InstallError> = std::result::Result<T, E>;
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> InstallError {
+    let what = what.into();
+    move |source| InstallError::Kube { what, source }
+}
+
+/// Every host path of the spec, checked and mapped. Fails before anything is touched.
+pub struct Paths {
+    pub ca_cert: HostPath,
+    pub cert: HostPath,
+    pub key: HostPath,
+    pub kubeconfig: HostPath,
+    pub unit: HostPath,
+    pub working_dir: HostPath,
+}
+
+impl Paths {
+    pub fn resolve(host: &HostFs, spec: &KubeControllerManagerSpec) -> Result<Self> {
+        // The paths the unit only names (kcm reads them) must be well-formed too.
+        for (name, path) in spec.paths.all() {
+            if !path.is_empty() {
+                host.resolve(name, path)?;
+            }
+        }
+        let p = &spec.paths;
+        Ok(Self {
+            ca_cert: host.resolve("caCert", &p.ca_cert)?,
+            cert: host.resolve("cert", &p.cert)?,
+            key: host.resolve("key", &p.key)?,
+            kubeconfig: host.resolve("kubeconfig", &p.kubeconfig)?,
+            unit: host.resolve("unit", &p.unit)?,
+            working_dir: host.resolve("workingDir", &spec.kcm.working_dir)?,
+        })
+    }
+}
+
+/// What the kcm binary on the host says of itself.
+#[derive(Clone, Debug)]
+pub struct KcmBinary {
+    pub version: KcmVersion,
+    pub accepted: BTreeSet<String>,
+}
+
+impl KcmBinary {
+    /// Runs `<binary> --version` and `--help` (the binary reached under the host root).
+    pub async fn probe(host: &HostFs, binary_path: &str) -> Result<Self> {
+        let local = host.root().join(binary_path.trim_start_matches('/'));
+        let run = |arg: &'static str| {
+            let local = local.clone();
+            async move {
+                let fail = |reason: String| InstallError::Kcm { binary: binary_path.to_string(), arg, reason };
+                let out = tokio::time::timeout(Duration::from_secs(30), tokio::process::Command::new(&local).arg(arg).kill_on_drop(true).output())
+                    .await
+                    .map_err(|_| fail("no answer within 30s".into()))?
+                    .map_err(|e| fail(e.to_string()))?;
+                if !out.status.success() {
+                    return Err(fail(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+                }
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        };
+        let version = run("--version").await?.parse::<KcmVersion>()?;
+        let accepted = parse_help(&run("--help").await?);
+        if accepted.is_empty() {
+            return Err(InstallError::Kcm { binary: binary_path.into(), arg: "--help", reason: "lists no flags".into() });
+        }
+        Ok(Self { version, accepted })
+    }
+}
+
+/// Everything one install writes, rendered and checked, not yet written.
+pub struct Planned {
+    pub files: NodeFiles,
+    pub kubeconfig: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Renders the node's files around a certificate (pure).
+pub fn plan(spec: &KubeControllerManagerSpec, id: &NodeIdentity, kcm: &KcmBinary, ca_pem: &str, cert_pem: String, key_pem: String) -> Result<Planned> {
+    let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+    let creds = if render::embeds_client_cert(spec) {
+        ClientCredentials::Embedded { cert_pem: &cert_pem, key_pem: &key_pem }
+    } else {
+        ClientCredentials::Files { cert: &spec.paths.cert, key: &spec.paths.key }
+    };
+    let kubeconfig = render::kubeconfig(spec, ca_pem, creds);
+    Ok(Planned { files, kubeconfig, cert_pem, key_pem })
+}
+
+/// Submits a CSR for this node and waits for the operator to sign it.
+pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerManagerSpec, id: &NodeIdentity, csr_pem: &str, wait: Duration) -> Result<String> {
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let suffix: String = {
+        let mut b = [0u8; 4];
+        aws_lc_rs::rand::fill(&mut b).expect("CSPRNG");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    };
+    let name = format!("kcm-{}-{suffix}", id.name);
+    let csr = CertificateSigningRequest {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(CSR_NODE_LABEL.to_string(), id.name.clone())].into()),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: ByteString(csr_pem.as_bytes().to_vec()),
+            signer_name: SIGNER_NAME.into(),
+            usages: Some(expected_usages(spec.certificate.key_algorithm).iter().map(|s| s.to_string()).collect()),
+            expiration_seconds: Some(i32::try_from(u64::from(spec.certificate.validity_hours) * 3600).unwrap_or(i32::MAX)),
+            ..Default::default()
+        },
+        status: None,
+    };
+    api.create(&PostParams::default(), &csr).await.map_err(kube_err(format!("creating CSR {name}")))?;
+    tracing::info!(csr = %name, "submitted CSR, waiting for the signer");
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let got = api.get(&name).await.map_err(kube_err(format!("reading CSR {name}")))?;
+        let status = got.status.unwrap_or_default();
+        for c in status.conditions.unwrap_or_default() {
+            if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
+                let reason = c.reason.unwrap_or_default();
+                let message = c.message.unwrap_or_default();
+                return Err(if c.type_ == "Denied" {
+                    InstallError::Denied { name, reason, message }
+                } else {
+                    InstallError::Failed { name, message: format!("{reason}: {message}") }
+                });
+            }
+        }
+        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+            // The request is done; the certificate lives on the host from here on.
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+            return String::from_utf8(cert.0).map_err(|_| InstallError::Failed { name, message: "certificate is not UTF-8 PEM".into() });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(InstallError::Timeout { name, secs: wait.as_secs() });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What was installed, for the node's status.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    pub cert: CertInfo,
+    pub kcm_version: KcmVersion,
+    pub warnings: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// The whole install for node `node_name`: key, CSR, cert, kubeconfig, unit.
+pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, csr_wait: Duration) -> Result<Installed> {
+    let paths = Paths::resolve(host, spec)?;
+    let ca_pem = String::from_utf8_lossy(&host.read(&paths.ca_cert)?).into_owned();
+    CertInfo::from_pem(ca_pem.as_bytes(), "CA certificate")?;
+    let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
+    let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
+    let id = NodeIdentity::from_node(&node)?;
+    // Render once before asking for a certificate: a flag kcm rejects fails here.
+    render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+
+    let key = pki::generate_key(spec.certificate.key_algorithm)?;
+    let csr = pki::make_csr(&key, &id.expected_sans())?;
+    let cert_pem = request_certificate(client, spec, &id, &csr, csr_wait).await?;
+    let cert = CertInfo::from_pem(cert_pem.as_bytes(), "issued certificate")?;
+    if !cert.matches_key(&key) {
+        return Err(InstallError::Failed { name: node_name.into(), message: "issued certificate is not for our key".into() });
+    }
+    let planned = plan(spec, &id, &kcm, &ca_pem, cert_pem, key.serialize_pem())?;
+
+    host.ensure_dir(&paths.working_dir)?;
+    let mut changed = Vec::new();
+    for (hp, body, mode) in [
+        (&paths.key, planned.key_pem.as_bytes(), 0o600),
+        (&paths.cert, planned.cert_pem.as_bytes(), 0o644),
+        (&paths.kubeconfig, planned.kubeconfig.as_bytes(), 0o600),
+        (&paths.unit, planned.files.unit.as_bytes(), 0o644),
+    ] {
+        if host.write_atomic(hp, body, mode)? {
+            changed.push(hp.host.display().to_string());
+        }
+    }
+    Ok(Installed { cert, kcm_version: kcm.version, warnings: planned.files.flags.warnings, changed })
+}

@@ -1,0 +1,3 @@
+//! node-helper: the privileged agent on each master that installs kube-controller-manager.
+pub mod host;
+pub mod install;
