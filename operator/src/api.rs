@@ -67,6 +67,7 @@ pub struct KubeControllerManagerSpec {
     #[serde(default)]
     pub kcm: KcmSpec,
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "[self.caCert, self.caKey, self.requestheaderCaCert, self.serviceAccountKey, self.cert, self.key, self.kubeconfig, self.unit].all(p, p.startsWith('/') && !p.contains('/../') && !p.endsWith('/..'))", "message": "every path must be absolute, without '..'"}, {"rule": "self.staticPodManifest == '' || (self.staticPodManifest.startsWith('/') && !self.staticPodManifest.contains('/../'))", "message": "staticPodManifest must be empty or an absolute path without '..'"}]))]
     pub paths: HostPaths,
     /// Stop all rollouts and renewals; status is still reported.
     #[serde(default)]
