@@ -13,7 +13,7 @@ use kcm_operator::flags::{parse_help, FlagError, KcmVersion};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity, PkiError};
 use kcm_operator::render::{self, ClientCredentials, NodeFiles};
 use kcm_operator::signer::expected_usages;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::host::{HostError, HostFs, HostPath};
 
@@ -169,8 +169,6 @@ pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerMan
             }
         }
         if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-            // The request is done; the certificate lives on the host from here on.
-            let _ = api.delete(&name, &DeleteParams::default()).await;
             return String::from_utf8(cert.0).map_err(|_| InstallError::Failed { name, message: "certificate is not UTF-8 PEM".into() });
         }
         if tokio::time::Instant::now() >= deadline {
@@ -222,4 +220,101 @@ pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeController
         }
     }
     Ok(Installed { cert, kcm_version: kcm.version, warnings: planned.files.flags.warnings, changed })
+}
+
+/// Why this node needs an install, or when to look again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// No usable certificate/key on the host (the reason says which).
+    Missing(String),
+    /// The certificate has less than the spec's share of its validity left.
+    Renew { not_after: i64 },
+    /// The certificate does not carry this node's SANs any more.
+    SansChanged,
+    /// The rendered unit differs from the one on the host.
+    UnitChanged,
+    /// Nothing to do until `recheck_at` (unix seconds): the renewal time.
+    UpToDate { recheck_at: i64 },
+}
+
+/// When a certificate is due for renewal: when `percent` of its validity remains.
+pub fn renew_at(cert: &CertInfo, percent: u8) -> i64 {
+    let life = (cert.not_after - cert.not_before).max(0);
+    cert.not_after - life * i64::from(percent) / 100
+}
+
+/// Decides, from what is on the host, whether this node needs an install. Pure.
+pub fn due(now: i64, spec: &KubeControllerManagerSpec, id: &NodeIdentity, cert: Option<&CertInfo>, key_matches: bool, unit_on_host: Option<&str>, unit_rendered: &str) -> Due {
+    let Some(cert) = cert else { return Due::Missing("no certificate".into()) };
+    if !key_matches {
+        return Due::Missing("the key does not match the certificate".into());
+    }
+    if cert.sans != id.expected_sans() {
+        return Due::SansChanged;
+    }
+    let at = renew_at(cert, spec.certificate.renew_when_remaining_percent);
+    if now >= at {
+        return Due::Renew { not_after: cert.not_after };
+    }
+    if unit_on_host != Some(unit_rendered) {
+        return Due::UnitChanged;
+    }
+    Due::UpToDate { recheck_at: at }
+}
+
+/// Reads the host's state and decides with [`due`].
+pub async fn check(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str) -> Result<Due> {
+    let paths = Paths::resolve(host, spec)?;
+    let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
+    let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
+    let id = NodeIdentity::from_node(&node)?;
+    let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+    let cert = host.read_optional(&paths.cert)?.and_then(|b| CertInfo::from_pem(&b, "installed certificate").ok());
+    let key_matches = match (&cert, host.read_optional(&paths.key)?) {
+        (Some(c), Some(k)) => std::str::from_utf8(&k).ok().and_then(|k| pki::key_from_pem(k, "installed key").ok()).is_some_and(|k| c.matches_key(&k)),
+        _ => false,
+    };
+    let unit = host.read_optional(&paths.unit)?.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    Ok(due(now, spec, &id, cert.as_ref(), key_matches, unit.as_deref(), &files.unit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(not_before: i64, not_after: i64, id: &NodeIdentity) -> CertInfo {
+        CertInfo { serial_hex: "01".into(), not_before, not_after, common_name: None, sans: id.expected_sans(), spki_der: vec![] }
+    }
+
+    fn id() -> NodeIdentity {
+        NodeIdentity { name: "m1".into(), hostname: "m1".into(), ips: vec!["10.0.0.1".parse().unwrap()] }
+    }
+
+    fn spec() -> KubeControllerManagerSpec {
+        serde_json::from_value(serde_json::json!({"apiserverUrl": "https://10.0.0.10:6443"})).unwrap()
+    }
+
+    #[test]
+    fn renewal_is_due_when_a_fifth_remains() {
+        let c = cert(0, 1000, &id());
+        assert_eq!(renew_at(&c, 20), 800);
+        let s = spec();
+        assert_eq!(due(799, &s, &id(), Some(&c), true, Some("u"), "u"), Due::UpToDate { recheck_at: 800 });
+        assert_eq!(due(800, &s, &id(), Some(&c), true, Some("u"), "u"), Due::Renew { not_after: 1000 });
+        assert_eq!(due(5000, &s, &id(), Some(&c), true, Some("u"), "u"), Due::Renew { not_after: 1000 });
+    }
+
+    #[test]
+    fn missing_or_mismatched_material_is_due() {
+        let s = spec();
+        let c = cert(0, 1000, &id());
+        assert!(matches!(due(1, &s, &id(), None, false, None, "u"), Due::Missing(_)));
+        assert!(matches!(due(1, &s, &id(), Some(&c), false, Some("u"), "u"), Due::Missing(_)));
+        let mut moved = id();
+        moved.ips = vec!["10.0.0.2".parse().unwrap()];
+        assert_eq!(due(1, &s, &moved, Some(&c), true, Some("u"), "u"), Due::SansChanged);
+        assert_eq!(due(1, &s, &id(), Some(&c), true, Some("old"), "u"), Due::UnitChanged);
+        assert_eq!(due(1, &s, &id(), Some(&c), true, None, "u"), Due::UnitChanged);
+    }
 }
