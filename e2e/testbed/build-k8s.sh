@@ -68,12 +68,12 @@ else
   rm -rf "$ebin"; mkdir -p "$ebin"
   work=$(mktemp -d); cd "$work"
   go mod init kcm-testbed/etcd >/dev/null 2>&1
-  mkdir -p etcd etcdctl
+  # etcd only: etcdctl/etcdutl v3.5.x modules are not served by this machine's Go proxy (403)
+  mkdir -p etcd
   printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' > etcd/main.go
-  printf 'package main\n\nimport "go.etcd.io/etcd/etcdctl/v3/ctlv3"\n\nfunc main() { ctlv3.MustStart() }\n' > etcdctl/main.go
-  go mod edit -require "go.etcd.io/etcd/server/v3@$ETCD_VERSION" -require "go.etcd.io/etcd/etcdctl/v3@$ETCD_VERSION"
+  go mod edit -require "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
   go mod tidy >/dev/null
-  go build -trimpath -ldflags "-s -w" -o "$ebin/" ./etcd ./etcdctl
+  go build -trimpath -ldflags "-s -w" -o "$ebin/" ./etcd
   touch "$ebin/.complete"
   cd /; rm -rf "$work"
 fi

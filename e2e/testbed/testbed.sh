@@ -24,7 +24,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 export K8S_VERSION=${K8S_VERSION:-v1.33.13}
 export ETCD_VERSION=${ETCD_VERSION:-v3.5.24}
 export KIND_VERSION=${KIND_VERSION:-v0.29.0}
-export CRICTL_VERSION=${CRICTL_VERSION:-v1.33.0}
+export CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}   # v1.33.x is not on this machine's Go proxy (403)
 export KCM_CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
 CACHE=$KCM_CACHE
 STATE=${KCM_STATE:-/var/tmp/kcm-e2e}
@@ -34,7 +34,7 @@ SUITE=bookworm
 # Bump a recipe revision when the corresponding build steps change (invalidates caches).
 ROOTFS_REV=1
 IMAGES_REV=1
-NODE_REV=1
+NODE_REV=2
 
 K8S_BIN=$CACHE/k8s-$K8S_VERSION/bin
 ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
@@ -247,7 +247,7 @@ privileged_probe() { timeout 60 docker run --rm --privileged --net=none "$BASE_I
 
 ensure_privileged() {
   if privileged_probe; then log "docker: 'docker run --privileged' works"; return; fi
-  log "docker: 'docker run --privileged' fails: $(tail -1 "$STATE/privileged-probe.log")"
+  log "docker: 'docker run --privileged' fails: $(grep -m1 -i error "$STATE/privileged-probe.log" || tail -1 "$STATE/privileged-probe.log")"
   install_runc_wrapper
   privileged_probe || { cat "$STATE/privileged-probe.log" >&2; die "'docker run --privileged' still fails with the runc wrapper"; }
   log "docker: 'docker run --privileged' works with the runc wrapper"
@@ -267,10 +267,17 @@ cmd_deps() {
 build_tools() { # crictl (kind's `load docker-image` uses it in the nodes) and a static pause binary
   if [ -f "$TOOLS_BIN/.complete" ]; then log "tools: cached in $TOOLS_BIN"; return; fi
   rm -rf "$TOOLS_BIN"; mkdir -p "$TOOLS_BIN"
-  log "tools: go install sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
-  CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod GOBIN="$TOOLS_BIN" \
-    go install -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
-    "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+  log "tools: build crictl $CRICTL_VERSION (sigs.k8s.io/cri-tools, via a wrapper module)"
+  local w; w=$(mktemp -d /var/tmp/kcm-crictl.XXXX)
+  ( cd "$w" && export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+    && go mod init kcm-testbed/crictl >/dev/null 2>&1 \
+    && go mod edit -require "sigs.k8s.io/cri-tools@$CRICTL_VERSION" \
+    && printf '//go:build tools\npackage tools\nimport _ "sigs.k8s.io/cri-tools/cmd/crictl"\n' > tools.go \
+    && go mod tidy >/dev/null 2>"$STATE/crictl-build.log" \
+    && go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+         -o "$TOOLS_BIN/crictl" sigs.k8s.io/cri-tools/cmd/crictl 2>>"$STATE/crictl-build.log" ) \
+    || { tail -5 "$STATE/crictl-build.log" >&2; rm -rf "$w"; die "crictl build failed (see $STATE/crictl-build.log)"; }
+  rm -rf "$w"
   log "tools: pause (static C)"
   gcc -Os -static -o "$TOOLS_BIN/pause" "$HERE/pause.c"
   strip "$TOOLS_BIN/pause"
@@ -314,7 +321,7 @@ component_refs() { # all images the node image carries: kubeadm's list (minus co
 }
 
 docker_build() { # docker_build TAG DIR  (legacy builder, quiet)
-  docker build -q -t "$1" "$2" >/dev/null || die "docker build $1 failed"
+  docker build -q -t "$1" "$2" >"$STATE/docker-build.log" 2>&1 || { cat "$STATE/docker-build.log" >&2; die "docker build $1 failed"; }
 }
 
 cmd_images() {
@@ -351,8 +358,8 @@ SH
     printf 'FROM %s\nCOPY kube-proxy kube-proxy.real /usr/local/bin/\nLABEL kcm.testbed.key=%s\nENTRYPOINT ["/usr/local/bin/kube-proxy"]\n' \
       "$BASE_IMAGE" "$key" > "$w/kube-proxy/Dockerfile"
     docker_build "$(kubeadm_image kube-proxy)" "$w/kube-proxy"
-    mkdir -p "$w/etcd"; cp "$ETCD_BIN/etcd" "$ETCD_BIN/etcdctl" "$w/etcd/"
-    printf 'FROM %s\nCOPY etcd etcdctl /usr/local/bin/\nLABEL kcm.testbed.key=%s\nENTRYPOINT ["/usr/local/bin/etcd"]\n' \
+    mkdir -p "$w/etcd"; cp "$ETCD_BIN/etcd" "$w/etcd/"
+    printf 'FROM %s\nCOPY etcd /usr/local/bin/\nLABEL kcm.testbed.key=%s\nENTRYPOINT ["/usr/local/bin/etcd"]\n' \
       "$BASE_IMAGE" "$key" > "$w/etcd/Dockerfile"
     docker_build "$(kubeadm_image etcd)" "$w/etcd"
     mkdir -p "$w/pause"; cp "$TOOLS_BIN/pause" "$w/pause/"
@@ -367,12 +374,12 @@ SH
 build_lb_image() { # kind's external load balancer for multi-control-plane clusters
   local src lb cfgpath; src=$(kind_src); lb=$(LB_IMAGE); cfgpath=$(LB_CONFIG_PATH)
   [ -n "$lb" ] && [ -n "$cfgpath" ] || die "could not read the load balancer image/config path from $src"
-  local key; key=$(short_hash "$ROOTFS_KEY $lb $cfgpath")
+  local key; key=$(short_hash "$ROOTFS_KEY $lb $cfgpath $(sha256sum "$HERE/lb-entrypoint.sh" | cut -c1-16)")
   if [ "$(image_label "$lb" kcm.testbed.key)" = "$key" ]; then log "images: $lb present"; return; fi
-  grep -q haproxy "$src/pkg/cluster/internal/loadbalancer/config.go" || die "kind $KIND_VERSION's load balancer is not haproxy: adapt build_lb_image"
+  case "$lb" in *haproxy*) ;; *) die "kind $KIND_VERSION's load balancer ($lb) is not haproxy: adapt build_lb_image" ;; esac
   local w; w=$(mktemp -d /var/tmp/kcm-lb.XXXX)
-  cp "$src/images/haproxy/haproxy.cfg" "$w/haproxy.cfg"
-  printf 'FROM %s\nRUN mkdir -p %s\nCOPY haproxy.cfg %s\nLABEL kcm.testbed.key=%s\nSTOPSIGNAL SIGUSR1\nENTRYPOINT ["haproxy", "-W", "-db", "-f", "%s"]\n' \
+  cp "$src/images/haproxy/haproxy.cfg" "$w/haproxy.cfg"; cp "$HERE/lb-entrypoint.sh" "$w/"
+  printf 'FROM %s\nRUN mkdir -p %s\nCOPY haproxy.cfg %s\nCOPY lb-entrypoint.sh /usr/local/bin/\nLABEL kcm.testbed.key=%s\nSTOPSIGNAL SIGUSR1\nENTRYPOINT ["/usr/local/bin/lb-entrypoint.sh", "%s"]\n' \
     "$BASE_IMAGE" "$(dirname "$cfgpath")" "$cfgpath" "$key" "$cfgpath" > "$w/Dockerfile"
   docker_build "$lb" "$w"
   rm -rf "$w"
@@ -380,7 +387,7 @@ build_lb_image() { # kind's external load balancer for multi-control-plane clust
 }
 
 # ---------------------------------------------------------------- node image
-NODE_KEY() { short_hash "$NODE_REV $(IMAGES_KEY) $KIND_VERSION $CRICTL_VERSION $(sha256sum "$HERE/cni-config.sh" | cut -c1-16)"; }
+NODE_KEY() { short_hash "$NODE_REV $(oom_adj_lowerable) $(IMAGES_KEY) $KIND_VERSION $CRICTL_VERSION $(sha256sum "$HERE/cni-config.sh" | cut -c1-16)"; }
 
 cmd_node_image() {
   mkdir -p "$STATE"
@@ -399,9 +406,12 @@ cmd_node_image() {
     --change 'ENV container=docker' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' \
-    --change 'STOPSIGNAL SIGRTMIN+3' \
-    --change "LABEL kcm.testbed.key=$key" \
-    "$ndir/rootfs.tar" "$NODE_IMAGE" >/dev/null
+    "$ndir/rootfs.tar" "kcm-testbed/node-rootfs:$key" >/dev/null || die "docker import of the node rootfs failed"
+  # `docker import --change` has no STOPSIGNAL: add it (and the cache key) with a no-RUN build
+  local w; w=$(mktemp -d /var/tmp/kcm-nodeimg.XXXX)
+  printf 'FROM kcm-testbed/node-rootfs:%s\nSTOPSIGNAL SIGRTMIN+3\nLABEL kcm.testbed.key=%s\n' "$key" "$key" > "$w/Dockerfile"
+  docker_build "$NODE_IMAGE" "$w"; rm -rf "$w"
+  docker rmi "kcm-testbed/node-rootfs:$key" >/dev/null 2>&1 || true
   # drop older cached node rootfs' of this k8s version (each is ~1 GB)
   local d; for d in "$CACHE"/node-"$K8S_VERSION"-*; do [ "$d" = "$ndir" ] || rm -rf "$d"; done
 }
@@ -426,6 +436,13 @@ build_node_rootfs() { # build_node_rootfs OUT.tar : kind-style node rootfs, asse
   local pause; pause=$(kubeadm_image pause)
   sed -i "s#sandbox_image = .*#sandbox_image = \"$pause\"#" "$r/etc/containerd/config.toml"
   grep -q 'SystemdCgroup = true' "$r/etc/containerd/config.toml" || die "kind's containerd config lost SystemdCgroup = true"
+  # Lowering oom_score_adj needs CAP_SYS_RESOURCE, which some hosts (these VMs) do not grant
+  # even to privileged containers: runc init then dies ("can't get final child's PID from
+  # pipe: EOF") for every pod sandbox with a negative score. Let containerd clamp instead.
+  if [ "$(oom_adj_lowerable)" = no ]; then
+    sed -i 's/restrict_oom_score_adj = false/restrict_oom_score_adj = true/' "$r/etc/containerd/config.toml"
+    log "node image: host cannot lower oom_score_adj -> containerd restrict_oom_score_adj = true"
+  fi
   ctr oci spec \
     | jq '.hooks.createContainer[.hooks.createContainer| length] |= . + {"path": "/kind/bin/mount-product-files.sh"}' \
     | jq 'del(.process.rlimits)' > "$r/etc/containerd/cri-base.json"
@@ -466,6 +483,11 @@ UNIT
   log "node image: tar rootfs ($(du -sh "$r" | cut -f1))"
   tar -C "$r" --numeric-owner -cf "$out" .
   rm -rf "$r"
+}
+
+oom_adj_lowerable() { # can a process here lower its oom_score_adj (CAP_SYS_RESOURCE)?
+  # (lowering below the current value; nodes' pods want down to -998)
+  if sh -c 'echo $(( $(cat /proc/self/oom_score_adj) - 1 )) > /proc/self/oom_score_adj' 2>/dev/null; then echo yes; else echo no; fi
 }
 
 TMP_CTRD=/run/kcm-testbed-containerd

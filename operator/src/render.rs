@@ -91,6 +91,7 @@ pub enum ClientCredentials<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Kubeconfig<'a> {
+    #[serde(rename = "apiVersion")]
     api_version: &'a str,
     kind: &'a str,
     clusters: Vec<Named<'a, Cluster>>,
@@ -320,6 +321,8 @@ WantedBy=multi-user.target
         let spec = seed_spec();
         let kc = kubeconfig(&spec, "CA", ClientCredentials::Files { cert: "/c.pem", key: "/k.pem" });
         let v: serde_json::Value = serde_yaml::from_str(&kc).unwrap();
+        assert_eq!(v["apiVersion"], "v1");
+        assert_eq!(v["kind"], "Config");
         assert_eq!(v["current-context"], KCM_USER);
         assert_eq!(v["contexts"][0]["context"]["user"], KCM_USER);
         assert_eq!(v["contexts"][0]["context"]["cluster"], "kubernetes");
