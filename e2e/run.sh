@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The project's two entry points (see README):
+#   bash e2e/run.sh up     a kind cluster with 3 control-plane nodes, the operator's images
+#                          loaded and manifests/kind applied
+#   bash e2e/run.sh test   every test: unit, CRD drift, API tier, kind e2e
+#   bash e2e/run.sh down   delete the cluster
+# Caches live outside the repo: $KCM_CACHE (default /var/cache/kcm-operator).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+cd "$REPO"
+export KCM_CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
+export KCM_STATE=${KCM_STATE:-/var/tmp/kcm-e2e}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$KCM_CACHE/cargo-target}
+export CARGO_TERM_COLOR=never
+mkdir -p "$KCM_CACHE" "$KCM_STATE"
+TESTBED="$HERE/testbed/testbed.sh"
+STATIC_TARGET=x86_64-unknown-linux-gnu
+
+log() { printf '[run %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+step() { # step NAME cmd... : run, print wall time
+  local name=$1; shift; local t0=$SECONDS
+  log "== $name"
+  if "$@"; then log "== $name: ok in $((SECONDS - t0))s"; else local rc=$?; log "== $name: FAILED (exit $rc) after $((SECONDS - t0))s"; return $rc; fi
+}
+
+ensure_toolchain() {
+  command -v cargo >/dev/null || { log "cargo not found: install Rust (rustup) first"; return 1; }
+  # aws-lc-sys needs a C compiler and cmake; curl/openssl are used by the API-tier tests.
+  local missing=()
+  for c in cc cmake curl openssl; do command -v "$c" >/dev/null || missing+=("$c"); done
+  if ((${#missing[@]})); then
+    log "installing build tools for: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential cmake curl openssl >/dev/null
+  fi
+}
+
+unit_tests() {
+  cargo test --workspace --lib --bins
+}
+
+crd_drift() {
+  local tmp; tmp=$(mktemp)
+  cargo run -q -p kcm-operator --bin crdgen >"$tmp"
+  if ! diff -u manifests/base/crd.yaml "$tmp"; then
+    log "manifests/base/crd.yaml differs from the Rust types: run 'cargo run -p kcm-operator --bin crdgen > manifests/base/crd.yaml'"
+    rm -f "$tmp"; return 1
+  fi
+  rm -f "$tmp"
+}
+
+k8s_bins() { bash "$HERE/testbed/build-k8s.sh"; }
+
+api_tier() {
+  cargo test -p e2e --test api_tier --test install -- --test-threads 2
+}
+
+# Static binaries (glibc, crt-static) in FROM-scratch images: nothing is pulled.
+build_images() {
+  RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-static" \
+    cargo build --release --target "$STATIC_TARGET" -p kcm-operator -p node-helper
+  local out="$KCM_CACHE/cargo-target-static/$STATIC_TARGET/release" ctx
+  for bin in kcm-operator node-helper; do
+    ctx=$(mktemp -d)
+    cp "$out/$bin" "$ctx/$bin"
+    printf 'FROM scratch\nCOPY %s /%s\nENTRYPOINT ["/%s"]\n' "$bin" "$bin" "$bin" >"$ctx/Dockerfile"
+    local tag="kcm-operator/${bin#kcm-}:dev"
+    [ "$bin" = kcm-operator ] && tag=kcm-operator/operator:dev
+    DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    log "built image $tag"
+  done
+}
+
+load_images() {
+  bash "$TESTBED" load-image kcm-operator/operator:dev
+  bash "$TESTBED" load-image kcm-operator/node-helper:dev
+}
+
+cluster_up() { bash "$TESTBED" up; }
+cluster_down() { bash "$TESTBED" down; }
+
+kind_e2e() {
+  cargo test -p e2e --test testbed -- --test-threads 1
+}
+
+cmd_up() {
+  step toolchain ensure_toolchain
+  step cluster cluster_up
+  step images build_images
+  step load-images load_images
+  log "cluster ready: export KUBECONFIG=$KCM_STATE/kubeconfig"
+}
+
+cmd_test() {
+  local t0=$SECONDS
+  step toolchain ensure_toolchain
+  step unit-tests unit_tests
+  step crd-drift crd_drift
+  step k8s-binaries k8s_bins
+  step api-tier api_tier
+  trap 'step cluster-down cluster_down || true' EXIT
+  step cluster-up cluster_up
+  step kind-e2e kind_e2e
+  log "all tests passed in $((SECONDS - t0))s"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  test) cmd_test ;;
+  down) cluster_down ;;
+  *) echo "usage: $0 up|test|down" >&2; exit 2 ;;
+esac
