@@ -643,8 +643,8 @@ cmd_load_image() {
 cmd_hello() { # static Rust binary, FROM scratch, loaded into the cluster
   local t="x86_64-unknown-linux-musl" flags=""
   rustup target list --installed 2>/dev/null | grep -qx "$t" || { t="x86_64-unknown-linux-gnu"; flags="-C target-feature=+crt-static"; }
-  ( cd "$HERE/hello" && RUSTFLAGS="$flags" cargo build --release --locked --offline --target "$t" -q 2>/dev/null \
-      || RUSTFLAGS="$flags" cargo build --release --target "$t" -q ) || die "cargo build of e2e/testbed/hello failed"
+  ( cd "$HERE/hello" && RUSTFLAGS="$flags" cargo build --release --locked --offline --target "$t" --target-dir "$HERE/hello/target" -q 2>/dev/null \
+      || RUSTFLAGS="$flags" cargo build --release --target "$t" --target-dir "$HERE/hello/target" -q ) || die "cargo build of e2e/testbed/hello failed"
   local w; w=$(mktemp -d /var/tmp/kcm-hello.XXXX)
   cp "$HERE/hello/target/$t/release/hello" "$w/hello"
   printf 'FROM scratch\nCOPY hello /hello\nUSER 65534:65534\nENTRYPOINT ["/hello"]\n' > "$w/Dockerfile"
