@@ -81,7 +81,11 @@ cluster_up() { bash "$TESTBED" up; }
 cluster_down() { bash "$TESTBED" down; }
 
 kind_e2e() {
-  cargo test -p e2e --test testbed -- --test-threads 1
+  cargo test -p e2e --test testbed --test kind_install -- --test-threads 1
+}
+
+apply_manifests() {
+  "$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig" apply -k manifests/kind/
 }
 
 cmd_up() {
@@ -89,6 +93,7 @@ cmd_up() {
   step cluster cluster_up
   step images build_images
   step load-images load_images
+  step apply-manifests apply_manifests
   log "cluster ready: export KUBECONFIG=$KCM_STATE/kubeconfig"
 }
 
@@ -101,6 +106,8 @@ cmd_test() {
   step api-tier api_tier
   trap 'step cluster-down cluster_down || true' EXIT
   step cluster-up cluster_up
+  step images build_images
+  step load-images load_images
   step kind-e2e kind_e2e
   log "all tests passed in $((SECONDS - t0))s"
 }

@@ -25,13 +25,7 @@ fn free_port() -> u16 {
 }
 
 fn kcm_binary() -> PathBuf {
-    let dir = std::env::var("KCM_K8S_BIN_DIR").unwrap_or_else(|_| {
-        let cache = std::env::var("KCM_CACHE").unwrap_or_else(|_| "/var/cache/kcm-operator".into());
-        format!("{cache}/k8s-v1.33.13/bin")
-    });
-    let p = PathBuf::from(dir).join("kube-controller-manager");
-    assert!(p.exists(), "{} is missing: run e2e/testbed/build-k8s.sh", p.display());
-    p
+    e2e::apitier::k8s_bin("kube-controller-manager").expect("kube-controller-manager binary")
 }
 
 /// A spec whose host paths all live under `root` (the helper's host root is `/`).

@@ -8,11 +8,7 @@ use std::process::Command;
 use e2e::apitier::ApiServer;
 
 fn kubectl() -> PathBuf {
-    let dir = std::env::var("KCM_K8S_BIN_DIR").unwrap_or_else(|_| {
-        let cache = std::env::var("KCM_CACHE").unwrap_or_else(|_| "/var/cache/kcm-operator".into());
-        format!("{cache}/k8s-v1.33.13/bin")
-    });
-    PathBuf::from(dir).join("kubectl")
+    e2e::apitier::k8s_bin("kubectl").expect("kubectl binary")
 }
 
 fn run(api: &ApiServer, args: &[&str], stdin: Option<&str>) -> (bool, String) {
