@@ -184,42 +184,85 @@ pub struct Installed {
     pub cert: CertInfo,
     pub kcm_version: KcmVersion,
     pub warnings: Vec<String>,
+    /// Host paths whose content changed (their previous version is kept as `.prev`).
     pub changed: Vec<String>,
+    /// Whether a new certificate was issued.
+    pub new_cert: bool,
 }
 
-/// The whole install for node `node_name`: key, CSR, cert, kubeconfig, unit.
-pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, csr_wait: Duration) -> Result<Installed> {
+/// Every input of an install, read and checked; nothing written yet.
+pub struct Prepared {
+    pub paths: Paths,
+    pub ca_pem: String,
+    pub kcm: KcmBinary,
+    pub id: NodeIdentity,
+    pub files: NodeFiles,
+}
+
+/// Reads and checks every input for node `node_name`. Fails before anything is written:
+/// a bad path, a missing CA, a missing kcm binary, a flag kcm rejects.
+pub async fn prepare(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str) -> Result<Prepared> {
     let paths = Paths::resolve(host, spec)?;
     let ca_pem = String::from_utf8_lossy(&host.read(&paths.ca_cert)?).into_owned();
     CertInfo::from_pem(ca_pem.as_bytes(), "CA certificate")?;
     let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
     let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
     let id = NodeIdentity::from_node(&node)?;
-    // Render once before asking for a certificate: a flag kcm rejects fails here.
-    render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+    let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+    Ok(Prepared { paths, ca_pem, kcm, id, files })
+}
 
-    let key = pki::generate_key(spec.certificate.key_algorithm)?;
-    let csr = pki::make_csr(&key, &id.expected_sans())?;
-    let cert_pem = request_certificate(client, spec, &id, &csr, csr_wait).await?;
-    let cert = CertInfo::from_pem(cert_pem.as_bytes(), "issued certificate")?;
-    if !cert.matches_key(&key) {
-        return Err(InstallError::Failed { name: node_name.into(), message: "issued certificate is not for our key".into() });
-    }
-    let planned = plan(spec, &id, &kcm, &ca_pem, cert_pem, key.serialize_pem())?;
+/// The certificate and key on the host, when they are usable for this node and spec.
+fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) -> Result<Option<(String, String, CertInfo)>> {
+    let (Some(cert_pem), Some(key_pem)) = (host.read_optional(&p.paths.cert)?, host.read_optional(&p.paths.key)?) else { return Ok(None) };
+    let (Ok(cert_pem), Ok(key_pem)) = (String::from_utf8(cert_pem), String::from_utf8(key_pem)) else { return Ok(None) };
+    let Ok(cert) = CertInfo::from_pem(cert_pem.as_bytes(), "installed certificate") else { return Ok(None) };
+    let Ok(key) = pki::key_from_pem(&key_pem, "installed key") else { return Ok(None) };
+    let alg_ok = match spec.certificate.key_algorithm {
+        kcm_operator::api::KeyAlgorithm::Rsa2048 => key.algorithm() == &rcgen::PKCS_RSA_SHA256,
+        kcm_operator::api::KeyAlgorithm::EcdsaP256 => key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256,
+    };
+    Ok((cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
+}
 
-    host.ensure_dir(&paths.working_dir)?;
+/// Writes key, cert, kubeconfig and unit. With `renew`, or when the host has no usable
+/// certificate for this node, a new key is generated and a certificate requested first.
+pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared, renew: bool, csr_wait: Duration) -> Result<Installed> {
+    let existing = if renew { None } else { usable_pair(host, spec, p)? };
+    let new_cert = existing.is_none();
+    let (cert_pem, key_pem, cert) = match existing {
+        Some(pair) => pair,
+        None => {
+            let key = pki::generate_key(spec.certificate.key_algorithm)?;
+            let csr = pki::make_csr(&key, &p.id.expected_sans())?;
+            let cert_pem = request_certificate(client, spec, &p.id, &csr, csr_wait).await?;
+            let cert = CertInfo::from_pem(cert_pem.as_bytes(), "issued certificate")?;
+            if !cert.matches_key(&key) {
+                return Err(InstallError::Failed { name: p.id.name.clone(), message: "issued certificate is not for our key".into() });
+            }
+            (cert_pem, key.serialize_pem(), cert)
+        }
+    };
+    let planned = plan(spec, &p.id, &p.kcm, &p.ca_pem, cert_pem, key_pem)?;
+    host.ensure_dir(&p.paths.working_dir)?;
     let mut changed = Vec::new();
     for (hp, body, mode) in [
-        (&paths.key, planned.key_pem.as_bytes(), 0o600),
-        (&paths.cert, planned.cert_pem.as_bytes(), 0o644),
-        (&paths.kubeconfig, planned.kubeconfig.as_bytes(), 0o600),
-        (&paths.unit, planned.files.unit.as_bytes(), 0o644),
+        (&p.paths.key, planned.key_pem.as_bytes(), 0o600),
+        (&p.paths.cert, planned.cert_pem.as_bytes(), 0o644),
+        (&p.paths.kubeconfig, planned.kubeconfig.as_bytes(), 0o600),
+        (&p.paths.unit, planned.files.unit.as_bytes(), 0o644),
     ] {
         if host.write_atomic(hp, body, mode)? {
             changed.push(hp.host.display().to_string());
         }
     }
-    Ok(Installed { cert, kcm_version: kcm.version, warnings: planned.files.flags.warnings, changed })
+    Ok(Installed { cert, kcm_version: p.kcm.version, warnings: planned.files.flags.warnings, changed, new_cert })
+}
+
+/// The whole install for node `node_name` with a new key and certificate.
+pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, csr_wait: Duration) -> Result<Installed> {
+    let prepared = prepare(client, host, spec, node_name).await?;
+    write(client, host, spec, &prepared, true, csr_wait).await
 }
 
 /// Why this node needs an install, or when to look again.
@@ -264,19 +307,15 @@ pub fn due(now: i64, spec: &KubeControllerManagerSpec, id: &NodeIdentity, cert: 
 
 /// Reads the host's state and decides with [`due`].
 pub async fn check(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str) -> Result<Due> {
-    let paths = Paths::resolve(host, spec)?;
-    let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
-    let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
-    let id = NodeIdentity::from_node(&node)?;
-    let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
-    let cert = host.read_optional(&paths.cert)?.and_then(|b| CertInfo::from_pem(&b, "installed certificate").ok());
-    let key_matches = match (&cert, host.read_optional(&paths.key)?) {
+    let p = prepare(client, host, spec, node_name).await?;
+    let cert = host.read_optional(&p.paths.cert)?.and_then(|b| CertInfo::from_pem(&b, "installed certificate").ok());
+    let key_matches = match (&cert, host.read_optional(&p.paths.key)?) {
         (Some(c), Some(k)) => std::str::from_utf8(&k).ok().and_then(|k| pki::key_from_pem(k, "installed key").ok()).is_some_and(|k| c.matches_key(&k)),
         _ => false,
     };
-    let unit = host.read_optional(&paths.unit)?.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let unit = host.read_optional(&p.paths.unit)?.map(|b| String::from_utf8_lossy(&b).into_owned());
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    Ok(due(now, spec, &id, cert.as_ref(), key_matches, unit.as_deref(), &files.unit))
+    Ok(due(now, spec, &p.id, cert.as_ref(), key_matches, unit.as_deref(), &p.files.unit))
 }
 
 #[cfg(test)]
