@@ -2,4 +2,5 @@
 pub mod host;
 pub mod install;
 pub mod probe;
+pub mod step;
 pub mod systemd;

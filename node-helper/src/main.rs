@@ -11,6 +11,9 @@ use kcm_operator::flags::KcmVersion;
 use kcm_operator::render::{self, ClientCredentials};
 use node_helper::host::HostFs;
 use node_helper::install;
+use node_helper::step::{Node, Report};
+use node_helper::systemd::HostSystemd;
+use kcm_operator::api::HELPER_MANAGER_PREFIX;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Installs kube-controller-manager on this master")]
@@ -44,15 +47,15 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         csr_wait: u64,
     },
-    /// Keep this master's files current: install when missing, changed or due for renewal.
+    /// Apply the revisions the operator gives this master, one step at a time, and report.
     Run {
         #[command(flatten)]
         node: NodeArgs,
         #[arg(long, default_value_t = 120)]
         csr_wait: u64,
-        /// Longest pause between two checks, in seconds.
-        #[arg(long, default_value_t = 300)]
-        max_interval: u64,
+        /// Seconds between two looks at the spec and the unit.
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
     },
 }
 
@@ -101,22 +104,16 @@ async fn main() -> anyhow::Result<()> {
             let host = HostFs::new(node.host_root, node.allowed_roots);
             install_once(&client, &host, &node.node_name, csr_wait).await?;
         }
-        Cmd::Run { node, csr_wait, max_interval } => {
+        Cmd::Run { node, csr_wait, interval } => {
             let client = kube::Client::try_default().await.context("building Kubernetes client")?;
             let host = HostFs::new(node.host_root, node.allowed_roots);
+            tracing::info!(node = %node.node_name, "node-helper running");
             loop {
-                let pause = match cycle(&client, &host, &node.node_name, csr_wait).await {
-                    Ok(recheck_at) => {
-                        let now = k8s_openapi::jiff::Timestamp::now().as_second();
-                        u64::try_from(recheck_at - now).unwrap_or(0).clamp(5, max_interval)
-                    }
-                    Err(e) => {
-                        tracing::error!("{e:#}");
-                        30
-                    }
-                };
+                if let Err(e) = tick(&client, &host, &node.node_name, csr_wait).await {
+                    tracing::error!("{e:#}");
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
             }
@@ -146,19 +143,58 @@ async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr
     Ok(())
 }
 
-/// One check, and an install when due. Returns when to look again (unix seconds).
-async fn cycle(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u64) -> anyhow::Result<i64> {
-    let spec = read_spec(client).await?;
-    if spec.paused {
-        tracing::info!("paused");
-        return Ok(0);
-    }
-    match install::check(client, host, &spec, node_name).await? {
-        install::Due::UpToDate { recheck_at } => Ok(recheck_at),
-        why => {
-            tracing::info!(?why, "installing");
-            install_once(client, host, node_name, csr_wait).await?;
-            Ok(0)
+/// One look: apply the operator's target revision for this node if it is new, otherwise
+/// report the unit's state when it changed.
+async fn tick(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u64) -> anyhow::Result<()> {
+    let api = kube::Api::<KubeControllerManager>::all(client.clone());
+    let kcm = api.get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
+    let me = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).cloned().unwrap_or_default();
+    let spec = &kcm.spec;
+    let unit = std::path::Path::new(&spec.paths.unit).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service").to_string();
+    let systemd = HostSystemd::new(unit);
+    let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: Duration::from_secs(csr_wait) };
+    let keep = Report {
+        applied_revision: me.applied_revision.clone(),
+        failed_revision: me.failed_revision.clone(),
+        cert_serial: me.cert_serial.clone(),
+        not_after: me.not_after.clone(),
+        kcm_version: me.kcm_version.clone(),
+        unit_active: me.unit_active,
+        healthy: me.healthy,
+        warnings: me.warnings.clone(),
+        message: me.message.clone(),
+    };
+    let report = match me.target_revision.as_deref() {
+        Some(target) if !spec.paused && Some(target) != me.applied_revision.as_deref() && Some(target) != me.failed_revision.as_deref() => {
+            tracing::info!(node = node_name, target, "applying revision");
+            match step.apply(spec, target, me.cert_serial.as_deref()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(node = node_name, target, "step failed: {e}");
+                    let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
+                    Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} rolled back: {e}")), unit_active, healthy, ..keep }
+                }
+            }
         }
+        _ => {
+            let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
+            if unit_active == me.unit_active && healthy == me.healthy && kcm.status.as_ref().is_some_and(|s| s.nodes.iter().any(|n| n.name == node_name)) {
+                return Ok(());
+            }
+            Report { unit_active, healthy, ..keep }
+        }
+    };
+    let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{node_name}")).force();
+    api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(report.apply_body(node_name))).await.context("reporting on the KubeControllerManager status")?;
+    Ok(())
+}
+
+async fn observe(client: &kube::Client, host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeControllerManagerSpec, node_name: &str) -> (bool, bool) {
+    let ca = host.resolve("caCert", &spec.paths.ca_cert).ok().and_then(|p| host.read(&p).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(node_name).await.ok();
+    let ip = node.as_ref().and_then(|n| kcm_operator::pki::NodeIdentity::from_node(n).ok()).map(|id| id.primary_ip());
+    match (ca, ip) {
+        (Some(ca), Some(ip)) => step.observe(spec, &ca, ip).await,
+        _ => (false, false),
     }
 }

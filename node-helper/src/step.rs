@@ -1,0 +1,274 @@
+//! One rollout step on this master, when the operator gives it a revision: write the
+//! files, adopt kubeadm's kcm (move its static pod manifest aside), restart the systemd
+//! unit when needed, and wait for kcm to answer /healthz with the certificate just
+//! written. A step that does not get healthy in time is rolled back: previous files,
+//! previous unit state, kubeadm's static pod back in place.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kcm_operator::api::{KubeControllerManagerSpec, KubeconfigMode};
+use kcm_operator::pki::rfc3339;
+use serde_json::json;
+
+use crate::host::{HostFs, HostPath};
+use crate::install::{self, InstallError, Installed, Prepared};
+use crate::probe;
+use crate::systemd::{HostSystemd, SystemdError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error("kube-controller-manager did not become healthy within {secs}s: {last}")]
+    Unhealthy { secs: u64, last: String },
+    #[error("kubeadm's kube-controller-manager (pids {pids:?}) still runs {secs}s after its manifest was moved aside")]
+    StaticPodLingers { pids: Vec<u32>, secs: u64 },
+}
+
+/// Where kubeadm's manifest is kept while this node's kcm runs under systemd: beside the
+/// kubeconfig, outside the kubelet's manifest directory.
+pub fn adopted_path(spec: &KubeControllerManagerSpec) -> Option<String> {
+    if spec.paths.static_pod_manifest.is_empty() {
+        return None;
+    }
+    let dir = Path::new(&spec.paths.kubeconfig).parent()?;
+    Some(dir.join("kube-controller-manager.static-pod.yaml.adopted").display().to_string())
+}
+
+/// What the helper reports on its node's status entry.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub applied_revision: Option<String>,
+    pub failed_revision: Option<String>,
+    pub cert_serial: Option<String>,
+    pub not_after: Option<String>,
+    pub kcm_version: Option<String>,
+    pub unit_active: bool,
+    pub healthy: bool,
+    pub warnings: Vec<String>,
+    pub message: Option<String>,
+}
+
+impl Report {
+    /// The server-side apply body for `status.nodes[name=node]`, owned by this node's helper.
+    pub fn apply_body(&self, node: &str) -> serde_json::Value {
+        let mut entry = json!({"name": node, "unitActive": self.unit_active, "healthy": self.healthy, "warnings": self.warnings});
+        let e = entry.as_object_mut().expect("object");
+        for (k, v) in [
+            ("appliedRevision", &self.applied_revision),
+            ("failedRevision", &self.failed_revision),
+            ("certSerial", &self.cert_serial),
+            ("notAfter", &self.not_after),
+            ("kcmVersion", &self.kcm_version),
+            ("message", &self.message),
+        ] {
+            if let Some(v) = v {
+                e.insert(k.into(), json!(v));
+            }
+        }
+        json!({
+            "apiVersion": "kcm.kcm-operator.io/v1alpha1",
+            "kind": "KubeControllerManager",
+            "metadata": {"name": kcm_operator::approver::CR_NAME},
+            "status": {"nodes": [entry]}
+        })
+    }
+}
+
+/// The helper's handles for one master.
+pub struct Node<'a> {
+    pub client: &'a kube::Client,
+    pub host: &'a HostFs,
+    pub systemd: &'a HostSystemd,
+    pub name: &'a str,
+    pub csr_wait: Duration,
+}
+
+/// Whether the target asks to renew the certificate with this serial.
+pub fn renew_requested(target: &str, current_serial: Option<&str>) -> bool {
+    match (target.split_once("/renew-"), current_serial) {
+        (Some((_, serial)), Some(cur)) => serial.eq_ignore_ascii_case(cur),
+        _ => false,
+    }
+}
+
+impl Node<'_> {
+    /// Applies `revision`. On failure after files were touched, rolls back and returns the error.
+    pub async fn apply(&self, spec: &KubeControllerManagerSpec, revision: &str, current_serial: Option<&str>) -> Result<Report, StepError> {
+        let prepared = install::prepare(self.client, self.host, spec, self.name).await?;
+        let unit_before = self.systemd.state().await?;
+        let renew = renew_requested(revision, current_serial);
+        let installed = install::write(self.client, self.host, spec, &prepared, renew, self.csr_wait).await?;
+        tracing::info!(node = self.name, revision, changed = ?installed.changed, new_cert = installed.new_cert, "files written");
+        let adopted = match self.adopt(spec).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.roll_back(spec, &prepared, &installed, false, unit_before.is_active()).await;
+                return Err(e);
+            }
+        };
+        let needs_restart = adopted
+            || !unit_before.is_active()
+            || installed.changed.iter().any(|p| *p == spec.paths.unit || *p == spec.paths.kubeconfig)
+            || (installed.new_cert && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
+        let result = async {
+            if needs_restart {
+                self.systemd.reload_enable_restart().await?;
+            }
+            self.wait_healthy(spec, &prepared, &installed.cert.serial_hex).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(Report {
+                applied_revision: Some(revision.into()),
+                cert_serial: Some(installed.cert.serial_hex.clone()),
+                not_after: Some(rfc3339(installed.cert.not_after)),
+                kcm_version: Some(installed.kcm_version.to_string()),
+                unit_active: true,
+                healthy: true,
+                warnings: installed.warnings.clone(),
+                message: Some(format!("revision {revision} healthy{}", if needs_restart { " after restart" } else { " without restart" })),
+                ..Default::default()
+            }),
+            Err(e) => {
+                self.roll_back(spec, &prepared, &installed, adopted, unit_before.is_active()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves kubeadm's static pod manifest aside and waits until its kcm is gone.
+    async fn adopt(&self, spec: &KubeControllerManagerSpec) -> Result<bool, StepError> {
+        let Some(kept) = adopted_path(spec) else { return Ok(false) };
+        let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
+        let Some(body) = self.host.read_optional(&manifest)? else { return Ok(false) };
+        let kept = self.host.resolve("adoptedStaticPod", &kept)?;
+        self.host.write_atomic(&kept, &body, 0o600)?;
+        std::fs::remove_file(&manifest.local).map_err(|source| crate::host::HostError::Io { op: "move aside", path: manifest.local.clone(), source })?;
+        tracing::info!(node = self.name, kept = %kept.host.display(), "kubeadm's kcm static pod moved aside");
+        let proc_root = self.host.root().join("proc");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let pids = foreign_kcm_pids(&proc_root);
+            if pids.is_empty() {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::StaticPodLingers { pids, secs: 90 });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn wait_healthy(&self, spec: &KubeControllerManagerSpec, p: &Prepared, serial: &str) -> Result<(), StepError> {
+        let secs = u64::from(spec.kcm.health_timeout_seconds);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut last = String::from("no probe yet");
+        while tokio::time::Instant::now() < deadline {
+            match probe::healthz(p.id.primary_ip(), spec.kcm.secure_port, &p.ca_pem, Duration::from_secs(3)).await {
+                Ok(h) if h.ok() && h.serial_hex.eq_ignore_ascii_case(serial) => return Ok(()),
+                Ok(h) => last = format!("status {} body {:?} serving serial {}", h.status, h.body.trim(), h.serial_hex),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(StepError::Unhealthy { secs, last })
+    }
+
+    /// Puts the node back as it was before this step. Best effort: every failure is logged.
+    async fn roll_back(&self, spec: &KubeControllerManagerSpec, p: &Prepared, installed: &Installed, adopted: bool, was_active: bool) {
+        tracing::warn!(node = self.name, "rolling back");
+        for hp in [&p.paths.key, &p.paths.cert, &p.paths.kubeconfig, &p.paths.unit] {
+            if !installed.changed.contains(&hp.host.display().to_string()) {
+                continue;
+            }
+            match self.host.restore_previous(hp) {
+                Ok(true) => {}
+                // A file this step created: remove it, the node had none.
+                Ok(false) => remove_logged(hp),
+                Err(e) => tracing::error!("rollback of {}: {e}", hp.host.display()),
+            }
+        }
+        let unit_result = if was_active { self.systemd.reload_enable_restart().await } else { self.systemd.stop_disable().await };
+        if let Err(e) = unit_result {
+            tracing::error!("rollback of the unit: {e}");
+        }
+        if adopted {
+            if let Some(kept) = adopted_path(spec) {
+                let restore = async {
+                    let kept = self.host.resolve("adoptedStaticPod", &kept)?;
+                    let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
+                    let body = self.host.read(&kept)?;
+                    self.host.write_atomic(&manifest, &body, 0o600)?;
+                    Ok::<_, crate::host::HostError>(())
+                };
+                match restore.await {
+                    Ok(()) => tracing::warn!(node = self.name, "kubeadm's kcm static pod restored"),
+                    Err(e) => tracing::error!("restoring kubeadm's static pod: {e}"),
+                }
+            }
+        }
+    }
+
+    /// The unit's state and health as they are, for reports between steps.
+    pub async fn observe(&self, spec: &KubeControllerManagerSpec, ca_pem: &str, ip: std::net::IpAddr) -> (bool, bool) {
+        let active = self.systemd.state().await.map(|s| s.is_active()).unwrap_or(false);
+        let healthy = active && probe::healthz(ip, spec.kcm.secure_port, ca_pem, Duration::from_secs(3)).await.is_ok_and(|h| h.ok());
+        (active, healthy)
+    }
+}
+
+fn remove_logged(hp: &HostPath) {
+    if let Err(e) = std::fs::remove_file(&hp.local) {
+        tracing::error!("removing {}: {e}", hp.host.display());
+    }
+}
+
+/// kube-controller-manager processes not started by our unit (kubeadm's static pod).
+pub fn foreign_kcm_pids(proc_root: &Path) -> Vec<u32> {
+    crate::systemd::kcm_pids(proc_root)
+        .into_iter()
+        .filter(|pid| {
+            let cg = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).unwrap_or_default();
+            !cg.contains("kube-controller-manager.service")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renew_only_the_certificate_named() {
+        assert!(renew_requested("abc/renew-0A1B", Some("0a1b")));
+        assert!(!renew_requested("abc/renew-0A1B", Some("ffff")));
+        assert!(!renew_requested("abc", Some("0a1b")));
+        assert!(!renew_requested("abc/renew-0A1B", None));
+    }
+
+    #[test]
+    fn adopted_manifest_lives_beside_the_kubeconfig() {
+        let spec: KubeControllerManagerSpec = serde_json::from_value(json!({"apiserverUrl": "https://x:6443", "paths": {"kubeconfig": "/etc/kubernetes/kcm/kcm.kubeconfig"}})).unwrap();
+        assert_eq!(adopted_path(&spec).as_deref(), Some("/etc/kubernetes/kcm/kube-controller-manager.static-pod.yaml.adopted"));
+        let mut none = spec.clone();
+        none.paths.static_pod_manifest.clear();
+        assert_eq!(adopted_path(&none), None);
+    }
+
+    #[test]
+    fn report_applies_only_its_own_fields() {
+        let r = Report { applied_revision: Some("r1".into()), healthy: true, ..Default::default() };
+        let body = r.apply_body("m1");
+        let entry = &body["status"]["nodes"][0];
+        assert_eq!(entry["name"], "m1");
+        assert_eq!(entry["appliedRevision"], "r1");
+        assert!(entry.get("targetRevision").is_none(), "the operator owns targetRevision");
+        assert!(entry.get("failedRevision").is_none());
+    }
+}
