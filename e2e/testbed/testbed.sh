@@ -90,6 +90,23 @@ debian_mirror() { # the Debian mirror this machine's apt uses
 ROOTFS_KEY=$(short_hash "$ROOTFS_REV $SUITE $BASE_PKGS $NODE_PKGS")
 ROOTFS_DIR=$CACHE/rootfs-$SUITE-$ROOTFS_KEY
 
+clean_stale_workdirs() { # from interrupted builds (never while something is mounted inside)
+  local d
+  for d in /var/tmp/kcm-rootfs.* /var/tmp/kcm-node.* /var/tmp/kcm-images.* /var/tmp/kcm-lb.* /var/tmp/kcm-nodeimg.* /var/tmp/kcm-crictl.*; do
+    [ -d "$d" ] || continue
+    if grep -q " $d/" /proc/mounts; then log "stale $d has mounts: left alone"; else rm -rf "$d"; fi
+  done
+}
+
+build_lock() { # one build per cache at a time (run.sh and a developer may both call `up`)
+  mkdir -p "$CACHE"
+  exec 9>"$CACHE/.build.lock"
+  if ! flock -n 9; then
+    log "another testbed build holds $CACHE/.build.lock: waiting (deadline 60 min)"
+    flock -w 3600 9 || die "the other testbed build did not finish within 60 min"
+  fi
+}
+
 docker_ok() { timeout 20 docker info >/dev/null 2>&1; }
 image_label() { docker image inspect -f "{{ index .Config.Labels \"$2\" }}" "$1" 2>/dev/null || true; }
 
@@ -131,6 +148,7 @@ start_docker() {
 build_rootfs() { # debootstrap the base and the node rootfs once (cached as tarballs)
   if [ -f "$ROOTFS_DIR/.complete" ]; then log "rootfs: cached in $ROOTFS_DIR"; return; fi
   rm -rf "$ROOTFS_DIR"; mkdir -p "$ROOTFS_DIR" "$CACHE/debs"
+  clean_stale_workdirs
   local mirror; mirror=$(debian_mirror)
   local w; w=$(mktemp -d /var/tmp/kcm-rootfs.XXXX)
   local v
@@ -320,6 +338,10 @@ component_refs() { # all images the node image carries: kubeadm's list (minus co
   echo "docker.io/$BASE_IMAGE"
 }
 
+prune_old_images() { # superseded (now untagged) test-bed images
+  docker image prune -f --filter label=kcm.testbed.key >/dev/null 2>&1 || true
+}
+
 docker_build() { # docker_build TAG DIR  (legacy builder, quiet)
   docker build -q -t "$1" "$2" >"$STATE/docker-build.log" 2>&1 || { cat "$STATE/docker-build.log" >&2; die "docker build $1 failed"; }
 }
@@ -383,6 +405,7 @@ build_lb_image() { # kind's external load balancer for multi-control-plane clust
     "$BASE_IMAGE" "$(dirname "$cfgpath")" "$cfgpath" "$key" "$cfgpath" > "$w/Dockerfile"
   docker_build "$lb" "$w"
   rm -rf "$w"
+  prune_old_images
   log "images: built $lb (haproxy from Debian $SUITE)"
 }
 
@@ -412,6 +435,7 @@ cmd_node_image() {
   printf 'FROM kcm-testbed/node-rootfs:%s\nSTOPSIGNAL SIGRTMIN+3\nLABEL kcm.testbed.key=%s\n' "$key" "$key" > "$w/Dockerfile"
   docker_build "$NODE_IMAGE" "$w"; rm -rf "$w"
   docker rmi "kcm-testbed/node-rootfs:$key" >/dev/null 2>&1 || true
+  prune_old_images
   # drop older cached node rootfs' of this k8s version (each is ~1 GB)
   local d; for d in "$CACHE"/node-"$K8S_VERSION"-*; do [ "$d" = "$ndir" ] || rm -rf "$d"; done
 }
@@ -490,7 +514,7 @@ oom_adj_lowerable() { # can a process here lower its oom_score_adj (CAP_SYS_RESO
   if sh -c 'echo $(( $(cat /proc/self/oom_score_adj) - 1 )) > /proc/self/oom_score_adj' 2>/dev/null; then echo yes; else echo no; fi
 }
 
-TMP_CTRD=/run/kcm-testbed-containerd
+TMP_CTRD=/run/kcm-ctrd-$(short_hash "$CACHE")   # private containerd used while building the node image
 stop_tmp_containerd() {
   local pid; pid=$(cat "$TMP_CTRD/pid" 2>/dev/null || true)
   [ -n "$pid" ] || return 0
@@ -541,26 +565,40 @@ EOF
 }
 
 # ---------------------------------------------------------------- build / stock images
-stock_images_available() { # on a machine with a registry, just use kind's published images
+stock_images_available() { # on a machine with a registry, use kind's published node image
   [ "${KCM_TESTBED_NO_PULL:-}" = 1 ] && return 1
   docker image inspect "$STOCK_NODE_IMAGE" >/dev/null 2>&1 && return 0
-  log "checking whether stock kind images can be pulled ($STOCK_NODE_IMAGE, 25s timeout)"
-  timeout 25 docker pull -q "$STOCK_NODE_IMAGE" >/dev/null 2>&1
+  log "checking whether stock kind images can be pulled ($STOCK_NODE_IMAGE, 20s timeout)"
+  timeout 20 docker manifest inspect "$STOCK_NODE_IMAGE" >/dev/null 2>&1 || { log "no registry: building everything locally"; return 1; }
+  log "registry reachable: pulling $STOCK_NODE_IMAGE (deadline 15 min)"
+  timeout 900 docker pull -q "$STOCK_NODE_IMAGE" >/dev/null || { log "pull failed: building everything locally"; return 1; }
+}
+
+stock_node_image() { # kindest/node + the matching kube-controller-manager binary at /opt/k8s/bin (untested here: no registry)
+  local v=${STOCK_NODE_IMAGE##*:} img=kcm-testbed/node-stock:${STOCK_NODE_IMAGE##*:}
+  docker image inspect "$img" >/dev/null 2>&1 && { NODE_IMAGE=$img; return; }
+  local kcm=registry.k8s.io/kube-controller-manager:$v w cid
+  timeout 600 docker pull -q "$kcm" >/dev/null || die "could not pull $kcm"
+  w=$(mktemp -d /var/tmp/kcm-stock.XXXX)
+  cid=$(docker create "$kcm" /x); docker cp "$cid:/usr/local/bin/kube-controller-manager" "$w/" ; docker rm "$cid" >/dev/null
+  printf 'FROM %s\nCOPY kube-controller-manager /opt/k8s/bin/kube-controller-manager\n' "$STOCK_NODE_IMAGE" > "$w/Dockerfile"
+  docker_build "$img" "$w"; rm -rf "$w"
+  NODE_IMAGE=$img
 }
 
 cmd_build() {
   phase deps cmd_deps
   if stock_images_available; then
-    log "stock image $STOCK_NODE_IMAGE available: building nothing else (kind pulls its load balancer itself)"
-    NODE_IMAGE=$STOCK_NODE_IMAGE
+    log "stock image $STOCK_NODE_IMAGE available: building no images (kind pulls its load balancer itself)"
     phase bins-kind-only ensure_kind_only
-    echo "$NODE_IMAGE" > "$STATE/node-image"
+    stock_node_image
+    echo "$NODE_IMAGE" > "$STATE/node-image"; echo "${STOCK_NODE_IMAGE##*:}" > "$STATE/k8s-version"
     return
   fi
   phase bins cmd_bins
   phase images cmd_images
   phase node-image cmd_node_image
-  echo "$NODE_IMAGE" > "$STATE/node-image"
+  echo "$NODE_IMAGE" > "$STATE/node-image"; echo "$K8S_VERSION" > "$STATE/k8s-version"
 }
 
 ensure_kind_only() {
@@ -578,8 +616,8 @@ all_nodes_ready() {
 }
 
 cmd_up() {
-  [ "${KCM_TESTBED_SKIP_BUILD:-}" = 1 ] || cmd_build
   mkdir -p "$STATE"
+  if [ "${KCM_TESTBED_SKIP_BUILD:-}" = 1 ]; then start_docker; else cmd_build; fi
   local image; image=$(cat "$STATE/node-image" 2>/dev/null || echo "$NODE_IMAGE")
   docker image inspect "$image" >/dev/null 2>&1 || die "node image $image missing: run '$0 build'"
   if cluster_exists; then
@@ -610,10 +648,17 @@ cmd_up() {
     die "nodes not Ready; cluster left running for inspection (delete: $0 down)"
   fi
   kubectl --kubeconfig "$STATE/kubeconfig" get nodes -o wide >&2
+  case "$image" in kcm-testbed/node-stock:*) cmd_load_image "$BASE_IMAGE" ;; esac
   log "cluster $CLUSTER is up. export KUBECONFIG=$STATE/kubeconfig"
 }
 
+need_docker() {
+  docker_ok || die "docker daemon is not answering 'docker info': start it with '$0 deps'"
+  [ -x "$KIND" ] || die "kind $KIND_VERSION is not built ($KIND missing): run '$0 bins'"
+}
+
 cmd_down() {
+  need_docker
   if cluster_exists; then
     "$KIND" delete cluster --name "$CLUSTER" >&2
   else
@@ -633,6 +678,7 @@ cmd_down() {
 
 cmd_load_image() {
   [ $# -ge 1 ] || die "usage: $0 load-image IMAGE[:TAG]..."
+  need_docker
   cluster_exists || die "cluster '$CLUSTER' does not exist: run '$0 up' first"
   local img; for img in "$@"; do
     docker image inspect "$img" >/dev/null 2>&1 || die "docker has no image $img (build or tag it first)"
@@ -682,12 +728,12 @@ main() {
   local cmd=${1:-help}; shift || true
   mkdir -p "$STATE"
   case "$cmd" in
-    deps) phase deps cmd_deps ;;
-    bins) phase bins cmd_bins ;;
-    images) phase images cmd_images ;;
-    node-image) phase node-image cmd_node_image ;;
-    build) cmd_build ;;
-    up) phase up cmd_up ;;
+    deps) build_lock; phase deps cmd_deps ;;
+    bins) build_lock; phase bins cmd_bins ;;
+    images) build_lock; phase images cmd_images ;;
+    node-image) build_lock; phase node-image cmd_node_image ;;
+    build) build_lock; cmd_build ;;
+    up) build_lock; phase up cmd_up ;;
     down) phase down cmd_down ;;
     load-image) phase load-image cmd_load_image "$@" ;;
     hello) cmd_hello ;;
@@ -696,4 +742,4 @@ main() {
     *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
   esac
 }
-main "$@"
+main "$@"; exit $?   # (one line: edits to this file cannot affect a running copy after main returns)

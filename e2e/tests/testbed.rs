@@ -26,7 +26,15 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::json;
 
-const K8S_VERSION: &str = "v1.33.13";
+/// The Kubernetes version the test bed built (testbed.sh writes it to $KCM_STATE/k8s-version;
+/// it differs only where stock kind images were pulled).
+fn k8s_version() -> String {
+    std::fs::read_to_string(state_dir().join("k8s-version"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "v1.33.13".into())
+}
 /// The debootstrapped Debian image the test bed imports into docker and into every node.
 const BASE_IMAGE: &str = "kcm-testbed/debian:bookworm";
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
@@ -154,7 +162,7 @@ async fn three_control_plane_nodes_ready() -> Result<()> {
     // every node runs the Kubernetes version the test bed built
     for n in control_plane_nodes(&client).await? {
         let v = n.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.clone()).unwrap_or_default();
-        assert_eq!(v, K8S_VERSION, "kubelet version of node {}", name_of(&n));
+        assert_eq!(v, k8s_version(), "kubelet version of node {}", name_of(&n));
     }
     eprintln!("control-plane nodes: {names:?}");
     Ok(())
@@ -255,7 +263,7 @@ async fn privileged_hostpath_daemonset_runs_host_kcm() -> Result<()> {
         for pod in &running {
             let pname = name_of(pod);
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-            let want = format!("Kubernetes {K8S_VERSION}");
+            let want = format!("Kubernetes {}", k8s_version());
             let logs = poll(&format!("pod {pname} on {node} to log the host's kcm --version"), Duration::from_secs(60), || async {
                 let logs = pods.logs(&pname, &LogParams::default()).await.unwrap_or_default();
                 if logs.contains(&format!("HOSTPATH: {want}")) && logs.contains(&format!("NSENTER: {want}")) {
