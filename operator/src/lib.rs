@@ -1,7 +1,10 @@
 //! kcm-operator: deploys and keeps alive a highly available kube-controller-manager.
 pub mod api;
 pub mod approver;
+pub mod election;
 pub mod flags;
+pub mod health;
+pub mod identity;
 pub mod logging;
 pub mod pki;
 pub mod render;

@@ -1,12 +1,34 @@
-//! kcm-operator: the CSR signer for kube-controller-manager certificates.
+//! kcm-operator: the CSR signer for kube-controller-manager certificates, run by the elected
+//! leader among the operator replicas.
+//!
+//! Identity: `--identity in-cluster` (a Deployment with its ServiceAccount) or `--identity host`
+//! (the static pod: a client certificate minted from the host's cluster CA, see
+//! `kcm_operator::identity`). A host certificate is renewed at half its lifetime by building a
+//! new client and restarting the session (elector + signer) with it; the leader keeps its
+//! Lease across the restart because its holder identity does not change.
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use kcm_operator::approver::{self, SignerConfig};
+use kcm_operator::election::{self, ElectionConfig, Elector};
+use kcm_operator::health::{self, Ready};
+use kcm_operator::identity::{self, HostIdentity};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IdentityMode {
+    /// Client certificate minted from the host's cluster CA (static pod; no ServiceAccount).
+    Host,
+    /// The pod's ServiceAccount (or KUBECONFIG), via kube's default config.
+    InCluster,
+}
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Deploys and keeps alive a highly available kube-controller-manager")]
 struct Args {
-    /// Cluster CA certificate the signer issues under.
+    /// Cluster CA certificate the signer issues under (and, with --identity host, the
+    /// operator's own client certificate).
     #[arg(long, env = "KCM_CA_CERT", default_value = "/etc/kubernetes/cert/ca.pem")]
     ca_cert: String,
     /// Cluster CA key the signer signs with.
@@ -15,26 +37,143 @@ struct Args {
     /// Namespace of the node-helper ServiceAccount whose CSRs are accepted.
     #[arg(long, env = "KCM_HELPER_NAMESPACE", default_value = kcm_operator::api::NAMESPACE)]
     helper_namespace: String,
+    /// Where the operator's API identity comes from.
+    #[arg(long, env = "KCM_IDENTITY", value_enum, default_value = "in-cluster")]
+    identity: IdentityMode,
+    /// The apiserver to talk to with --identity host (its serving cert must name this host/IP).
+    #[arg(long, env = "KCM_APISERVER", default_value = identity::DEFAULT_APISERVER)]
+    apiserver: String,
+    /// Lifetime of the host-minted client certificate (renewed at half of it): 90s, 30m, 24h.
+    #[arg(long, env = "KCM_CLIENT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
+    client_cert_validity: Duration,
+    /// Elect a leader on Lease kcm-operator/kcm-operator; only the leader signs. `--elect=false`
+    /// runs the signer unconditionally (one replica only!).
+    #[arg(long, env = "KCM_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    elect: bool,
+    /// holderIdentity on the Lease; default `<hostname>_<random>` (unique per process).
+    #[arg(long, env = "KCM_LEASE_IDENTITY")]
+    lease_identity: Option<String>,
+    /// Serve /healthz and /readyz here (e.g. 127.0.0.1:10271); off when unset.
+    #[arg(long, env = "KCM_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
     /// Log format: plain or json.
     #[arg(long, env = "KCM_LOG_FORMAT", default_value = "plain")]
     log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    identity::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// SIGTERM (kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+    }
+}
+
+/// How a session (one client) ended.
+enum End {
+    Renew,
+    Shutdown,
+    Failed(anyhow::Error),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     kcm_operator::logging::init(&args.log_format);
-    let client = kube::Client::try_default().await.context("building Kubernetes client")?;
-    let mut config = SignerConfig::new(&args.ca_cert, &args.ca_key);
-    config.helper_namespace = args.helper_namespace;
-    // Refuse to start when the CRD is missing, with a clear message.
-    kube::Api::<kcm_operator::api::KubeControllerManager>::all(client.clone())
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .context("listing KubeControllerManagers (is the CRD installed? kubectl apply -k manifests/)")?;
-    tracing::info!(ca = %args.ca_cert, "signer running for {}", kcm_operator::api::SIGNER_NAME);
-    tokio::select! {
-        _ = approver::run(client, config) => anyhow::bail!("signer stream ended"),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+    let mut signer = SignerConfig::new(&args.ca_cert, &args.ca_key);
+    signer.helper_namespace = args.helper_namespace.clone();
+    let election = args.elect.then(|| ElectionConfig::new(args.lease_identity.clone().unwrap_or_else(election::default_identity)));
+    let host = HostIdentity { ca_cert: args.ca_cert.clone().into(), ca_key: args.ca_key.clone().into(), apiserver: args.apiserver.clone(), validity: args.client_cert_validity };
+
+    let ready = Ready::default();
+    if let Some(addr) = args.health_addr {
+        let server = health::serve(addr, ready.clone()).await.with_context(|| format!("binding the health endpoint {addr}"))?;
+        tokio::spawn(server);
+        tracing::info!(%addr, "serving /healthz and /readyz");
+    }
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        // A client for this session, and when it must be replaced.
+        let (client, renew_in) = match args.identity {
+            IdentityMode::InCluster => (kube::Client::try_default().await.context("building Kubernetes client")?, None),
+            IdentityMode::Host => {
+                let (client, cert) = host.client().await.context("minting the operator's client certificate from the host CA")?;
+                let renew_in = identity::renew_in(cert.issued_at, cert.not_after, identity::now());
+                tracing::info!(user = identity::OPERATOR_USER, apiserver = %args.apiserver, not_after = %kcm_operator::pki::rfc3339(cert.not_after),
+                    "client certificate minted from {}; renewal in {}s", args.ca_cert, renew_in.as_secs());
+                (client, Some(renew_in))
+            }
+        };
+        // Refuse to start when the CRD is missing, with a clear message.
+        kube::Api::<kcm_operator::api::KubeControllerManager>::all(client.clone())
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+            .context("listing KubeControllerManagers (is the CRD installed? kubectl apply -k manifests/)")?;
+        ready.set(true);
+
+        let elector = election.clone().map(|cfg| Elector::new(client.clone(), cfg));
+        let renewal = async {
+            match renew_in {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let end = tokio::select! {
+            e = lead(elector.as_ref(), client.clone(), signer.clone()) => End::Failed(e),
+            _ = renewal => End::Renew,
+            _ = &mut shutdown => End::Shutdown,
+        };
+        match end {
+            End::Renew => tracing::info!("client certificate at half its lifetime: restarting with a new one"),
+            End::Shutdown => {
+                if let Some(e) = &elector {
+                    match e.release().await {
+                        Ok(true) => tracing::info!("released the lease"),
+                        Ok(false) => {}
+                        Err(err) => tracing::warn!("releasing the lease: {err}"),
+                    }
+                }
+                return Ok(());
+            }
+            End::Failed(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits for leadership (if electing), runs the signer while leading, and stops it the
+/// moment the lease is lost; then waits to lead again. Returns only on a fatal error.
+async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerConfig) -> anyhow::Error {
+    loop {
+        let lost = async {
+            match elector {
+                Some(e) => {
+                    e.acquire().await;
+                    tracing::info!("leading: signer running for {}", kcm_operator::api::SIGNER_NAME);
+                    Some(e.keep())
+                }
+                None => {
+                    tracing::info!("no election (--elect=false): signer running for {}", kcm_operator::api::SIGNER_NAME);
+                    None
+                }
+            }
+        }
+        .await;
+        let lost = async {
+            match lost {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            why = lost => tracing::warn!("lost leadership ({why}): signer stopped"),
+            _ = approver::run(client.clone(), signer.clone()) => return anyhow::anyhow!("signer stream ended"),
+        }
     }
 }
