@@ -81,7 +81,7 @@ cluster_up() { bash "$TESTBED" up; }
 cluster_down() { bash "$TESTBED" down; }
 
 kind_e2e() {
-  cargo test -p e2e --test testbed --test kind_install -- --test-threads 1
+  cargo test -p e2e --test testbed --test kind_ha -- --test-threads 1
 }
 
 apply_manifests() {

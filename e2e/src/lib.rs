@@ -3,5 +3,6 @@
 //! - [`apitier`]: a real etcd + kube-apiserver per test (no kubelet, no kind).
 
 pub mod apitier;
+pub mod kind;
 
 pub use apitier::{bound_sa_token, whoami, ApiServer, ApiServerOptions};

@@ -1,0 +1,258 @@
+//! The seed's section 2 on kind (3 control-plane nodes), from `kubectl apply -k manifests/kind/`:
+//! the operator rolls kcm out under systemd on every master one at a time (kubeadm's kcm
+//! static pod adopted), with certificates issued through the CSR API; then the seed's
+//! checks (2.1-2.5), failover, a flag change rolled out with never two masters down, and
+//! a bad spec rolled back on the first node while the other two keep running.
+//!
+//! One test, in phases, because every phase builds on the cluster state the one before left.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use e2e::apitier::poll;
+use e2e::kind::{client, diagnostics, kubectl, on_node, sh};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kcm_operator::api::{KubeControllerManager, KubeControllerManagerStatus, CONTROL_PLANE_LABEL, CSR_NODE_LABEL, KCM_USER, SIGNER_NAME};
+use kcm_operator::approver::CR_NAME;
+use kcm_operator::pki::NodeIdentity;
+use kcm_operator::render::spec_revision;
+use kcm_operator::rollout::{leader_node, spec_part};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+
+async fn status(c: &kube::Client) -> (KubeControllerManager, KubeControllerManagerStatus) {
+    let k = Api::<KubeControllerManager>::all(c.clone()).get(CR_NAME).await.expect("CR");
+    let s = k.status.clone().unwrap_or_default();
+    (k, s)
+}
+
+/// Waits until every master runs the spec's current revision, healthy.
+async fn rolled_out(c: &kube::Client, masters: &[String], within: Duration, what: &str) -> Duration {
+    let t0 = Instant::now();
+    let ok = poll(what, within, || async {
+        let (k, s) = status(c).await;
+        let rev = spec_revision(&k.spec);
+        let all = masters.iter().all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str())));
+        all.then_some(())
+    })
+    .await;
+    if ok.is_none() {
+        panic!("{what}: not done within {within:?}\n{}", diagnostics());
+    }
+    t0.elapsed()
+}
+
+async fn kcm_leader(c: &kube::Client) -> Option<String> {
+    let l = Api::<Lease>::namespaced(c.clone(), "kube-system").get("kube-controller-manager").await.ok()?;
+    leader_node(l.spec?.holder_identity.as_deref())
+}
+
+fn unit_active(node: &str) -> bool {
+    on_node(node, "systemctl is-active kube-controller-manager").1.trim() == "active"
+}
+
+/// Samples, once a second until `done` or `within`, how many masters have no active kcm unit;
+/// returns the largest number seen at one moment.
+async fn max_down_during<F, Fut>(masters: &[String], within: Duration, mut done: F) -> (usize, Vec<String>)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    let (mut worst, mut log) = (0, Vec::new());
+    while Instant::now() < deadline {
+        let down: Vec<&String> = masters.iter().filter(|m| !unit_active(m)).collect();
+        if down.len() > worst {
+            worst = down.len();
+        }
+        if !down.is_empty() {
+            log.push(format!("{:?} down at +{}s", down, within.as_secs() - deadline.saturating_duration_since(Instant::now()).as_secs()));
+        }
+        if done().await {
+            return (worst, log);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("not done within {within:?}; down samples: {log:?}\n{}", diagnostics());
+}
+
+#[tokio::test]
+async fn ha_kcm_on_three_masters() {
+    let c = client().await;
+    let (ok, out) = kubectl(&["apply", "-k", "manifests/kind/"]);
+    assert!(ok, "kubectl apply -k manifests/kind/:\n{out}");
+    let nodes = Api::<Node>::all(c.clone()).list(&ListParams::default().labels(CONTROL_PLANE_LABEL)).await.unwrap();
+    let mut masters: Vec<String> = nodes.items.iter().map(|n| n.metadata.name.clone().unwrap()).collect();
+    masters.sort();
+    assert_eq!(masters.len(), 3, "three control-plane nodes");
+    let leader_before = kcm_leader(&c).await;
+    println!("masters {masters:?}; kcm leader before: {leader_before:?}");
+
+    // Phase 1: the rollout from kubeadm's kcm to ours, one master at a time, leader last.
+    let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || async {
+        let (k, s) = status(&c).await;
+        let rev = spec_revision(&k.spec);
+        masters.iter().all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref() == Some(rev.as_str())))
+    })
+    .await;
+    println!("phase 1: rolled out; at most {worst} master(s) without an active unit at once; {log:?}");
+    let (k, s) = status(&c).await;
+    assert_eq!(s.ready.as_deref(), Some("3/3"), "{s:?}");
+    let kcm_paths = k.spec.paths.clone();
+
+    // Seed 2.1/2.2: the unit is active under systemd on every master, started from our files.
+    for node in &nodes.items {
+        let name = node.metadata.name.clone().unwrap();
+        let ip = NodeIdentity::from_node(node).unwrap().primary_ip().to_string();
+        assert!(unit_active(&name), "kube-controller-manager.service active on {name}");
+        let (_, unit) = on_node(&name, &format!("cat {}", kcm_paths.unit));
+        assert!(unit.contains(&format!("--bind-address={ip} ")) && unit.contains("--secure-port=10252 "), "unit on {name}:\n{unit}");
+        let (_, mode) = on_node(&name, &format!("stat -c %a {}", kcm_paths.key));
+        assert_eq!(mode.trim(), "600", "key mode on {name}");
+        let (ok, out) = on_node(&name, &format!("grep -c certificate-authority-data {}", kcm_paths.kubeconfig));
+        assert!(ok && out.trim() == "1", "kubeconfig on {name} embeds the CA: {out}");
+        let (ok, _) = on_node(&name, &format!("test -e {}", kcm_paths.static_pod_manifest));
+        assert!(!ok, "kubeadm's kcm static pod manifest is moved aside on {name}");
+        let (_, who) = on_node(&name, &format!("kubectl --kubeconfig {} auth whoami -o jsonpath='{{.status.userInfo.username}}'", kcm_paths.kubeconfig));
+        assert_eq!(who.trim(), KCM_USER, "the written kubeconfig on {name}");
+        let entry = s.nodes.iter().find(|n| n.name == name).unwrap();
+        println!("{name}: serial {:?} notAfter {:?} kcm {:?} warnings {:?}", entry.cert_serial, entry.not_after, entry.kcm_version, entry.warnings);
+    }
+    let mirror = Api::<Pod>::namespaced(c.clone(), "kube-system").list(&ListParams::default().labels("component=kube-controller-manager")).await.unwrap();
+    assert!(mirror.items.is_empty(), "kubeadm's kcm pods are gone: {:?}", mirror.items.iter().map(|p| p.metadata.name.clone()).collect::<Vec<_>>());
+    let csrs = Api::<CertificateSigningRequest>::all(c.clone()).list(&ListParams::default()).await.unwrap();
+    for m in &masters {
+        assert!(
+            csrs.items.iter().any(|x| x.spec.signer_name == SIGNER_NAME
+                && x.metadata.labels.as_ref().and_then(|l| l.get(CSR_NODE_LABEL)) == Some(m)
+                && x.status.as_ref().is_some_and(|st| st.certificate.is_some() && st.conditions.iter().flatten().any(|c| c.type_ == "Approved"))),
+            "an Approved and Issued CSR for {m}"
+        );
+    }
+
+    // Seed 2.3: metrics on the secure port with the admin's client certificate; refused without.
+    let kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(e2e::kind::kubeconfig()).unwrap()).unwrap();
+    let user = &kc["users"][0]["user"];
+    let dir = tempfile::tempdir().unwrap();
+    let b64 = |v: &serde_yaml::Value| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v.as_str().expect("admin cert data")).unwrap();
+    std::fs::write(dir.path().join("admin.pem"), b64(&user["client-certificate-data"])).unwrap();
+    std::fs::write(dir.path().join("admin-key.pem"), b64(&user["client-key-data"])).unwrap();
+    let (_, ca) = on_node(&masters[0], &format!("cat {}", kcm_paths.ca_cert));
+    std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
+    for node in &nodes.items {
+        let ip = NodeIdentity::from_node(node).unwrap().primary_ip().to_string();
+        let url = format!("https://{ip}:10252/metrics");
+        let d = dir.path().display();
+        let (ok, out) = sh(std::process::Command::new("curl").args(["-sS", "--max-time", "10", "--cacert", &format!("{d}/ca.pem"), "--cert", &format!("{d}/admin.pem"), "--key", &format!("{d}/admin-key.pem"), &url]));
+        assert!(ok && out.contains("workqueue_adds_total"), "metrics from {url} with the admin cert: {}", &out[..out.len().min(400)]);
+        let (_, anon) = sh(std::process::Command::new("curl").args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &format!("{d}/ca.pem"), &url]));
+        assert!(anon.trim() == "401" || anon.trim() == "403", "metrics without a client certificate on {url}: HTTP {anon}");
+    }
+    println!("seed 2.3: metrics served with the admin cert, refused without, on all three masters");
+
+    // Seed 2.4: per-controller ServiceAccounts, and a Deployment gets its ReplicaSet and Pods.
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "kube-system").list(&ListParams::default()).await.unwrap();
+    assert!(sas.items.iter().any(|s| s.metadata.name.as_deref() == Some("deployment-controller")), "deployment-controller SA");
+    let (ok, out) = kubectl(&["get", "clusterrolebinding", "system:controller:deployment-controller", "-o", "jsonpath={.subjects[0].name}"]);
+    assert!(ok && out.trim() == "deployment-controller", "{out}");
+    let ns = "kcm-e2e-deploy";
+    let _ = kubectl(&["create", "namespace", ns]);
+    let dep: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "probe"}},
+                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}],
+                 "tolerations": [{"operator": "Exists"}]}}}
+    }))
+    .unwrap();
+    let deps = Api::<Deployment>::namespaced(c.clone(), ns);
+    let _ = deps.create(&PostParams::default(), &dep).await;
+    let got = poll("ReplicaSet and 2 Pods of the Deployment", Duration::from_secs(60), || async {
+        let rs = Api::<ReplicaSet>::namespaced(c.clone(), ns).list(&ListParams::default()).await.ok()?;
+        let pods = Api::<Pod>::namespaced(c.clone(), ns).list(&ListParams::default()).await.ok()?;
+        (!rs.items.is_empty() && pods.items.len() == 2).then_some(())
+    })
+    .await;
+    assert!(got.is_some(), "the Deployment got no ReplicaSet/Pods from our kcm\n{}", diagnostics());
+    let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
+    println!("seed 2.4: deployment-controller SA bound; a Deployment got its ReplicaSet and Pods");
+
+    // Seed 2.5: one leader among the three, the same in the CR's status.
+    let leader = kcm_leader(&c).await.expect("kcm Lease holder");
+    assert!(masters.contains(&leader), "leader {leader} is a master");
+    let shown = poll("status.leader matches the Lease", Duration::from_secs(30), || async {
+        let (_, s) = status(&c).await;
+        (s.leader.as_deref() == Some(leader.as_str())).then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "status.leader != {leader}");
+    println!("seed 2.5: leader {leader}");
+
+    // Failover: stop kcm on the leader's node; another master takes the Lease.
+    let t0 = Instant::now();
+    assert!(on_node(&leader, "systemctl stop kube-controller-manager").0);
+    let new = poll("a new kcm leader", Duration::from_secs(60), || async { kcm_leader(&c).await.filter(|l| *l != leader) }).await;
+    let gap = t0.elapsed();
+    assert!(on_node(&leader, "systemctl start kube-controller-manager").0);
+    let new = new.unwrap_or_else(|| panic!("no new leader within 60s after stopping kcm on {leader}"));
+    println!("failover: {leader} -> {new} in {:.1}s after systemctl stop", gap.as_secs_f64());
+    rolled_out(&c, &masters, Duration::from_secs(120), "all healthy again after failover").await;
+
+    // A flag change rolls out node by node, leader last, never two masters down at once.
+    let leader = kcm_leader(&c).await.expect("leader");
+    let patch = serde_json::json!({"spec": {"kcm": {"extraArgs": {"concurrent-gc-syncs": "20"}}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let applied_at = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, Duration>::new()));
+    let t0 = Instant::now();
+    let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
+        let c = c.clone();
+        let masters = masters.clone();
+        let applied_at = applied_at.clone();
+        async move {
+            let (k, s) = status(&c).await;
+            let rev = spec_revision(&k.spec);
+            let mut at = applied_at.lock().unwrap();
+            for n in &s.nodes {
+                if n.healthy && n.applied_revision.as_deref() == Some(rev.as_str()) {
+                    at.entry(n.name.clone()).or_insert(t0.elapsed());
+                }
+            }
+            masters.iter().all(|m| at.contains_key(m))
+        }
+    })
+    .await;
+    let applied_at = applied_at.lock().unwrap().clone();
+    println!("flag change: applied at {applied_at:?}; leader {leader}; at most {worst} down at once; {log:?}");
+    assert!(worst <= 1, "two masters without kcm at once: {log:?}");
+    let last = applied_at.iter().max_by_key(|(_, t)| **t).map(|(n, _)| n.clone()).unwrap();
+    assert_eq!(last, leader, "the leader's node goes last");
+    for m in &masters {
+        let (_, unit) = on_node(m, &format!("cat {}", kcm_paths.unit));
+        assert!(unit.contains("--concurrent-gc-syncs=20 "), "new flag on {m}");
+    }
+
+    // Bad input: a kcm binary that does not exist. The first node fails before touching
+    // anything, the rollout stops Degraded, the other masters keep running, a leader remains.
+    let patch = serde_json::json!({"spec": {"kcm": {"binaryPath": "/opt/k8s/bin/no-such-kcm"}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let degraded = poll("Degraded=True", Duration::from_secs(120), || async {
+        let (_, s) = status(&c).await;
+        s.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True").map(|c| c.message.clone())
+    })
+    .await;
+    let msg = degraded.unwrap_or_else(|| panic!("no Degraded condition\n{}", diagnostics()));
+    println!("bad binary: Degraded: {msg}");
+    assert!(msg.contains("no-such-kcm"), "{msg}");
+    for m in &masters {
+        assert!(unit_active(m), "kcm still active on {m}");
+    }
+    assert!(kcm_leader(&c).await.is_some(), "a leader remains");
+    let (ok, events) = kubectl(&["get", "events", "-A", "--field-selector", "involvedObject.kind=KubeControllerManager", "-o", "jsonpath={.items[*].reason}"]);
+    assert!(ok && events.contains("RolloutStopped") && events.contains("RolloutStep"), "events: {events}");
+    // Put it right: the rollout resumes and completes.
+    let patch = serde_json::json!({"spec": {"kcm": {"binaryPath": "/opt/k8s/bin/kube-controller-manager"}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let took = rolled_out(&c, &masters, Duration::from_secs(300), "recovery after the bad binary").await;
+    println!("recovered in {:.0}s", took.as_secs_f64());
+}
