@@ -8,4 +8,5 @@ pub mod identity;
 pub mod logging;
 pub mod pki;
 pub mod render;
+pub mod rollout;
 pub mod signer;
