@@ -50,14 +50,23 @@ impl HostFs {
         &self.root
     }
 
-    /// Checks a spec path and maps it under the host root. Pure: touches nothing.
+    /// Checks a spec path of a file and maps it under the host root. Pure: touches nothing.
     pub fn resolve(&self, name: &str, path: &str) -> Result<HostPath> {
+        self.resolve_in(name, path, false)
+    }
+
+    /// As [`resolve`](Self::resolve), for a directory, which may be an allowed root itself.
+    pub fn resolve_dir(&self, name: &str, path: &str) -> Result<HostPath> {
+        self.resolve_in(name, path, true)
+    }
+
+    fn resolve_in(&self, name: &str, path: &str, dir: bool) -> Result<HostPath> {
         let p = Path::new(path);
         let normal = p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         if !normal || path.ends_with('/') {
             return Err(HostError::NotNormal { name: name.into(), path: path.into() });
         }
-        if !self.allowed.iter().any(|a| p.starts_with(a) && p != a) {
+        if !self.allowed.iter().any(|a| p.starts_with(a) && (dir || p != a)) {
             return Err(HostError::OutsideRoot { name: name.into(), path: path.into(), allowed: self.allowed.clone() });
         }
         let local = self.root.join(p.strip_prefix("/").expect("absolute"));
@@ -171,6 +180,7 @@ mod tests {
         assert!(matches!(h.resolve("cert", "etc/kubernetes/x"), Err(HostError::NotNormal { .. })));
         assert!(matches!(h.resolve("cert", "/etc/kubernetes"), Err(HostError::OutsideRoot { .. })));
         assert!(matches!(h.resolve("cert", "/etc/kubernetesX/a"), Err(HostError::OutsideRoot { .. })));
+        assert!(h.resolve_dir("workingDir", "/etc/kubernetes").is_ok(), "a directory may be an allowed root");
         let ok = h.resolve("cert", "/etc/kubernetes/cert/a.pem").unwrap();
         assert_eq!(ok.local, t.path().join("etc/kubernetes/cert/a.pem"));
     }

@@ -68,7 +68,7 @@ impl Paths {
             key: host.resolve("key", &p.key)?,
             kubeconfig: host.resolve("kubeconfig", &p.kubeconfig)?,
             unit: host.resolve("unit", &p.unit)?,
-            working_dir: host.resolve("workingDir", &spec.kcm.working_dir)?,
+            working_dir: host.resolve_dir("workingDir", &spec.kcm.working_dir)?,
         })
     }
 }

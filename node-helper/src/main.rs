@@ -172,7 +172,7 @@ async fn tick(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u
                 Err(e) => {
                     tracing::error!(node = node_name, target, "step failed: {e}");
                     let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
-                    Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} rolled back: {e}")), unit_active, healthy, ..keep }
+                    Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} failed, node left as it was: {e}")), unit_active, healthy, ..keep }
                 }
             }
         }
