@@ -311,7 +311,7 @@ cmd_bins() {
   if [ -f "$K8S_BIN/.complete" ] && [ -f "$ETCD_BIN/.complete" ] && [ -f "$KIND_BIN/.complete" ]; then
     log "bins: k8s $K8S_VERSION, etcd $ETCD_VERSION, kind $KIND_VERSION cached"
   else
-    bash "$HERE/build-k8s.sh" 2>&1 | tee "$STATE/build-k8s.log" | grep -v '^go: downloading' >&2 \
+    bash "$HERE/build-k8s.sh" 2>&1 | tee "$STATE/build-k8s.log" | { grep -v '^go: downloading' >&2 || true; } \
       || die "build-k8s.sh failed (see $STATE/build-k8s.log)"
   fi
   build_tools
@@ -620,6 +620,11 @@ cmd_up() {
   if [ "${KCM_TESTBED_SKIP_BUILD:-}" = 1 ]; then start_docker; else cmd_build; fi
   local image; image=$(cat "$STATE/node-image" 2>/dev/null || echo "$NODE_IMAGE")
   docker image inspect "$image" >/dev/null 2>&1 || die "node image $image missing: run '$0 build'"
+  if cluster_exists && [ "${KCM_REUSE_CLUSTER:-}" = 1 ]; then
+    "$KIND" get kubeconfig --name "$CLUSTER" > "$STATE/kubeconfig" 2>/dev/null || true
+    if all_nodes_ready; then log "KCM_REUSE_CLUSTER=1: cluster '$CLUSTER' exists with 3 Ready nodes: reusing it"; return; fi
+    log "KCM_REUSE_CLUSTER=1 but cluster '$CLUSTER' is not healthy: recreating it"
+  fi
   if cluster_exists; then
     log "cluster '$CLUSTER' is left over from an earlier run: deleting it and creating a fresh one"
     "$KIND" delete cluster --name "$CLUSTER" >&2 || die "could not delete leftover cluster $CLUSTER"
