@@ -119,10 +119,10 @@ apt_install_missing() {
   [ ${#missing[@]} -eq 0 ] && { log "apt: all host packages present"; return; }
   log "apt: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y --no-install-recommends "${missing[@]}" >"$STATE/apt.log" 2>&1; then
+  if ! timeout 1200 apt-get install -y --no-install-recommends "${missing[@]}" >"$STATE/apt.log" 2>&1; then
     log "apt: install failed, running apt-get update once and retrying"
-    apt-get update >>"$STATE/apt.log" 2>&1 || die "apt-get update failed (see $STATE/apt.log)"
-    apt-get install -y --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
+    timeout 600 apt-get update >>"$STATE/apt.log" 2>&1 || die "apt-get update failed (see $STATE/apt.log)"
+    timeout 1200 apt-get install -y --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
       || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
   fi
 }
@@ -155,7 +155,7 @@ build_rootfs() { # debootstrap the base and the node rootfs once (cached as tarb
   for v in base node; do
     local pk=$BASE_PKGS; [ $v = node ] && pk=$NODE_PKGS
     log "rootfs: debootstrap $SUITE ($v: $pk) from $mirror"
-    debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$pk" \
+    timeout 1800 debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$pk" \
       "$SUITE" "$w/$v" "$mirror" >"$STATE/debootstrap-$v.log" 2>&1 \
       || { tail -20 "$STATE/debootstrap-$v.log" >&2; rm -rf "$w"; die "debootstrap $v failed (see $STATE/debootstrap-$v.log)"; }
     chroot "$w/$v" apt-get clean
@@ -291,8 +291,8 @@ build_tools() { # crictl (kind's `load docker-image` uses it in the nodes) and a
     && go mod init kcm-testbed/crictl >/dev/null 2>&1 \
     && go mod edit -require "sigs.k8s.io/cri-tools@$CRICTL_VERSION" \
     && printf '//go:build tools\npackage tools\nimport _ "sigs.k8s.io/cri-tools/cmd/crictl"\n' > tools.go \
-    && go mod tidy >/dev/null 2>"$STATE/crictl-build.log" \
-    && go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+    && timeout 1200 go mod tidy >/dev/null 2>"$STATE/crictl-build.log" \
+    && timeout 1800 go build -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
          -o "$TOOLS_BIN/crictl" sigs.k8s.io/cri-tools/cmd/crictl 2>>"$STATE/crictl-build.log" ) \
     || { tail -5 "$STATE/crictl-build.log" >&2; rm -rf "$w"; die "crictl build failed (see $STATE/crictl-build.log)"; }
   rm -rf "$w"
@@ -311,7 +311,7 @@ cmd_bins() {
   if [ -f "$K8S_BIN/.complete" ] && [ -f "$ETCD_BIN/.complete" ] && [ -f "$KIND_BIN/.complete" ]; then
     log "bins: k8s $K8S_VERSION, etcd $ETCD_VERSION, kind $KIND_VERSION cached"
   else
-    bash "$HERE/build-k8s.sh" 2>&1 | tee "$STATE/build-k8s.log" | { grep -v '^go: downloading' >&2 || true; } \
+    timeout 4800 bash "$HERE/build-k8s.sh" 2>&1 | tee "$STATE/build-k8s.log" | { grep -v '^go: downloading' >&2 || true; } \
       || die "build-k8s.sh failed (see $STATE/build-k8s.log)"
   fi
   build_tools
@@ -327,7 +327,7 @@ LB_IMAGE() { sed -n 's/^const Image = "\(.*\)"/\1/p' "$(kind_src)/pkg/cluster/in
 LB_CONFIG_PATH() { sed -n 's/^const ConfigPath = "\(.*\)"/\1/p' "$(kind_src)/pkg/cluster/internal/loadbalancer/const.go"; }
 kind_src() { # the kind module directory (base files, loadbalancer constants) -- fetched, never committed
   local d
-  d=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kind@$KIND_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  d=$(cd /tmp && GOFLAGS=-mod=mod timeout 600 go mod download -json "sigs.k8s.io/kind@$KIND_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [ -d "$d" ] || die "go mod download sigs.k8s.io/kind@$KIND_VERSION gave no module dir"
   echo "$d"
 }
@@ -644,7 +644,7 @@ cmd_up() {
     log "kind create cluster failed; exporting logs to $STATE/kind-logs"
     rm -rf "$STATE/kind-logs"; timeout 120 "$KIND" export logs "$STATE/kind-logs" --name "$CLUSTER" >/dev/null 2>&1 || true
     "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
-    die "kind create cluster failed after $((SECONDS - t0))s (node logs: $STATE/kind-logs)"
+    die "kind create cluster failed (or hit its 15 min deadline) after $((SECONDS - t0))s (node logs: $STATE/kind-logs)"
   fi
   log "kind create: $((SECONDS - t0))s"; echo "$(date -u +%FT%TZ) kind-create $((SECONDS - t0))s" >> "$STATE/timings.log"
   if ! wait_for "all 3 nodes of cluster $CLUSTER to be Ready" 300 all_nodes_ready; then
