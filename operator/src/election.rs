@@ -131,9 +131,9 @@ pub fn next_spec(old: Option<&LeaseSpec>, decision: &Decision, me: &str, now: Ti
             Some(s)
         }
         Decision::Acquire => {
-            let old = old.cloned().unwrap_or_default();
-            let changed = old.holder_identity.as_deref().is_some_and(|h| !h.is_empty() && h != me);
-            let transitions = old.lease_transitions.unwrap_or(0) + i32::from(changed);
+            // A new leader is a transition (also after a release), as client-go counts them;
+            // creating the Lease is not.
+            let transitions = old.map_or(0, |o| o.lease_transitions.unwrap_or(0) + i32::from(o.holder_identity.as_deref() != Some(me)));
             Some(LeaseSpec {
                 holder_identity: Some(me.to_string()),
                 acquire_time: t.clone(),
@@ -372,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn acquiring_counts_a_transition_only_when_the_holder_changes() {
+    fn acquiring_counts_a_transition_when_the_holder_changes() {
         let now = at(2000);
         let d = Duration::from_secs(15);
         let s = next_spec(Some(&held("b", 1000, 15)), &Decision::Acquire, "a", now, d).unwrap();
@@ -382,7 +382,8 @@ mod tests {
         assert_eq!(s.renew_time, Some(MicroTime(now)));
         assert_eq!(s.lease_duration_seconds, Some(15));
         let released = released_spec(&held("b", 1000, 15), at(1500));
-        assert_eq!(next_spec(Some(&released), &Decision::Acquire, "a", now, d).unwrap().lease_transitions, Some(3));
+        assert_eq!(next_spec(Some(&released), &Decision::Acquire, "a", now, d).unwrap().lease_transitions, Some(4), "after a release");
+        assert_eq!(next_spec(Some(&held("a", 1000, 15)), &Decision::Acquire, "a", now, d).unwrap().lease_transitions, Some(3), "same holder");
         assert_eq!(next_spec(None, &Decision::Acquire, "a", now, d).unwrap().lease_transitions, Some(0));
     }
 
