@@ -136,7 +136,8 @@ start_docker() {
     log "docker: dockerd process exists but does not answer yet"
   else
     log "docker: starting dockerd in the background (log: $STATE/dockerd.log)"
-    nohup dockerd >"$STATE/dockerd.log" 2>&1 </dev/null &
+    # fd 9 is the build lock: dockerd must not inherit it, or it would hold the lock forever.
+    nohup dockerd >"$STATE/dockerd.log" 2>&1 </dev/null 9>&- &
     echo $! > "$STATE/dockerd.pid"
   fi
   if ! wait_for "docker daemon to answer 'docker info'" 90 docker_ok; then
@@ -255,7 +256,7 @@ PY
       [ $SECONDS -ge $deadline ] && die "dockerd (pid $pid) did not exit within 60s"
       sleep 1
     done
-    nohup dockerd >>"$STATE/dockerd.log" 2>&1 </dev/null &
+    nohup dockerd >>"$STATE/dockerd.log" 2>&1 </dev/null 9>&- &
     echo $! > "$STATE/dockerd.pid"
   fi
   wait_for "docker daemon to answer after restart" 90 docker_ok || die "dockerd did not come back (see $STATE/dockerd.log)"
