@@ -81,11 +81,19 @@ cluster_up() { bash "$TESTBED" up; }
 cluster_down() { bash "$TESTBED" down; }
 
 kind_e2e() {
-  cargo test -p e2e --test testbed --test kind_ha -- --test-threads 1
+  # One file at a time, in this order: each leaves the cluster as the next expects it.
+  local t
+  for t in testbed kind_ha kind_operator; do
+    cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture
+  done
 }
 
 apply_manifests() {
-  "$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig" apply -k manifests/kind/
+  local k=("$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig")
+  # The CRD first: a CR in the same apply as its new CRD is refused.
+  "${k[@]}" apply -f manifests/base/crd.yaml
+  "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io
+  "${k[@]}" apply -k manifests/kind/
 }
 
 cmd_up() {

@@ -51,3 +51,17 @@ pub fn diagnostics() -> String {
     }
     s
 }
+
+/// `kubectl apply -k <dir>` the way a new cluster needs it: the CRD first, established,
+/// then the whole kustomization (a CR in the same apply as its new CRD is refused).
+pub fn apply_kustomization(dir: &str) -> (bool, String) {
+    let (ok, out) = kubectl(&["apply", "-f", "manifests/base/crd.yaml"]);
+    if !ok {
+        return (ok, out);
+    }
+    let (ok, out) = kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/kubecontrollermanagers.kcm.kcm-operator.io"]);
+    if !ok {
+        return (ok, out);
+    }
+    kubectl(&["apply", "-k", dir])
+}

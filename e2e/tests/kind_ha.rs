@@ -81,7 +81,7 @@ where
 #[tokio::test]
 async fn ha_kcm_on_three_masters() {
     let c = client().await;
-    let (ok, out) = kubectl(&["apply", "-k", "manifests/kind/"]);
+    let (ok, out) = e2e::kind::apply_kustomization("manifests/kind/");
     assert!(ok, "kubectl apply -k manifests/kind/:\n{out}");
     let nodes = Api::<Node>::all(c.clone()).list(&ListParams::default().labels(CONTROL_PLANE_LABEL)).await.unwrap();
     let mut masters: Vec<String> = nodes.items.iter().map(|n| n.metadata.name.clone().unwrap()).collect();

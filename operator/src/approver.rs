@@ -147,7 +147,14 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
     let validity = i64::from(spec.certificate.validity_hours) * 3600;
     let pem = signer::sign(&accepted, &ca, now.as_second(), validity, csr.spec.expiration_seconds)?;
     let patch = json!({"status": {"certificate": k8s_openapi::ByteString(pem.into_bytes())}});
-    api.patch_status(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("issuing CSR {name}")))?;
+    match api.patch_status(&name, &pp, &Patch::Merge(&patch)).await {
+        Ok(_) => {}
+        // Issued already by an earlier pass that this (stale) event did not see yet.
+        Err(kube::Error::Api(e)) if e.code == 422 && api.get_status(&name).await.is_ok_and(|c| c.status.and_then(|s| s.certificate).is_some()) => {
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(kube_err(format!("issuing CSR {name}"))(e)),
+    }
     tracing::info!(csr = %name, node = %accepted.node, "approved and issued");
     Ok(Action::await_change())
 }

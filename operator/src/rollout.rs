@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -228,7 +229,10 @@ fn error_policy(_: Arc<KubeControllerManager>, err: &RolloutError, _: Arc<Ctx>) 
 pub async fn run(client: kube::Client) {
     let api: Api<KubeControllerManager> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: OPERATOR_MANAGER.into(), instance: None });
+    // kcm's Lease too: status.leader follows a failover at once, not at the next requeue.
+    let leases = Api::<Lease>::namespaced(client.clone(), KCM_LEASE.0);
     Controller::new(api, watcher::Config::default().fields(&format!("metadata.name={CR_NAME}")))
+        .watches(leases, watcher::Config::default().fields(&format!("metadata.name={}", KCM_LEASE.1)), |_| Some(ObjectRef::new(CR_NAME)))
         .run(reconcile, error_policy, Arc::new(Ctx { client, recorder }))
         .for_each(|r| async move {
             if let Err(e) = r {
