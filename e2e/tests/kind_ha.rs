@@ -255,4 +255,36 @@ async fn ha_kcm_on_three_masters() {
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let took = rolled_out(&c, &masters, Duration::from_secs(300), "recovery after the bad binary").await;
     println!("recovered in {:.0}s", took.as_secs_f64());
+
+    // A flag kcm accepts but cannot run with (lease duration below the renew deadline): the
+    // first node's kcm never gets healthy, so its files are rolled back and the old kcm is
+    // restarted; the rollout stops Degraded; no moment with two masters down; a leader remains.
+    let before: BTreeMap<String, String> = masters.iter().map(|m| (m.clone(), on_node(m, &format!("cat {}", kcm_paths.unit)).1)).collect();
+    let patch = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": 20, "extraArgs": {"leader-elect-lease-duration": "1s"}}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let (worst, log) = max_down_during(&masters, Duration::from_secs(180), || async {
+        let (_, s) = status(&c).await;
+        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+    })
+    .await;
+    let (_, s) = status(&c).await;
+    let failed: Vec<_> = s.nodes.iter().filter(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision).collect();
+    assert_eq!(failed.len(), 1, "exactly one node tried the bad flag: {:?}", s.nodes);
+    let bad = failed[0].name.clone();
+    println!("bad flag: {bad} rolled back: {:?}; at most {worst} down at once; {log:?}", failed[0].message);
+    assert!(worst <= 1, "two masters without kcm at once: {log:?}");
+    let healthy_again = poll("the rolled-back node healthy again", Duration::from_secs(60), || async {
+        let (_, s) = status(&c).await;
+        s.nodes.iter().any(|n| n.name == bad && n.healthy && n.unit_active).then_some(())
+    })
+    .await;
+    assert!(healthy_again.is_some(), "{bad} is not healthy after the rollback\n{}", diagnostics());
+    for m in &masters {
+        assert!(unit_active(m), "kcm active on {m}");
+        assert_eq!(on_node(m, &format!("cat {}", kcm_paths.unit)).1, before[m], "the unit on {m} is the one from before");
+    }
+    assert!(kcm_leader(&c).await.is_some(), "a leader remains");
+    let patch = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": 120, "extraArgs": {"leader-elect-lease-duration": null}}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    rolled_out(&c, &masters, Duration::from_secs(300), "recovery after the bad flag").await;
 }

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::apitier::{k8s_bin, poll};
+use e2e::apitier::poll;
+use e2e::kind::{client, on_node, sh};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kcm_operator::api::{CONTROL_PLANE_LABEL, NAMESPACE};
@@ -22,26 +23,9 @@ use kube::api::{Api, ListParams};
 const MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
 const MANIFEST: &str = "kcm-operator.yaml";
 
-fn kubeconfig() -> PathBuf {
-    let state = std::env::var("KCM_STATE").unwrap_or_else(|_| "/var/tmp/kcm-e2e".into());
-    let p = PathBuf::from(state).join("kubeconfig");
-    assert!(p.exists(), "{} missing: bring the cluster up with `bash e2e/run.sh up`", p.display());
-    p
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-async fn client() -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig()).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    kube::Client::try_from(cfg).unwrap()
-}
-
-fn sh(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+/// The master a Lease holder identity (`<hostname>_<random>`) names.
+fn holder_node(holder: &str) -> String {
+    kcm_operator::rollout::leader_node(Some(holder)).unwrap_or_default()
 }
 
 /// Drops ANSI colour sequences (the operator's plain log format colours its fields).
@@ -63,22 +47,11 @@ fn strip_ansi(s: &str) -> String {
 }
 
 fn kubectl(args: &[&str]) -> (bool, String) {
-    let (ok, out) = kubectl_raw(args);
+    let (ok, out) = e2e::kind::kubectl(args);
     (ok, strip_ansi(&out))
 }
 
-fn kubectl_raw(args: &[&str]) -> (bool, String) {
-    sh(Command::new(k8s_bin("kubectl").unwrap()).current_dir(repo()).arg("--kubeconfig").arg(kubeconfig()).args(args))
-}
-
-fn on_node(node: &str, script: &str) -> (bool, String) {
-    sh(Command::new("docker").args(["exec", node, "sh", "-c", script]))
-}
-
 /// The master a holder identity (`<hostname>_<random>`) names.
-fn holder_node(holder: &str) -> &str {
-    holder.rsplit_once('_').map_or(holder, |(h, _)| h)
-}
 
 /// Removes the static pod manifests and restores the Deployment, also when the test panics.
 struct Cleanup {
@@ -168,7 +141,7 @@ async fn operator_static_pods_elect_one_leader_and_fail_over() {
     }
 
     // Place the manifest on every master, as an admin would.
-    let manifest = repo().join("manifests/static-pod").join(MANIFEST);
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/static-pod").join(MANIFEST);
     for n in &nodes {
         let (ok, out) = sh(Command::new("docker").arg("cp").arg(&manifest).arg(format!("{n}:{MANIFEST_DIR}/{MANIFEST}")));
         assert!(ok, "docker cp to {n}: {out}");
@@ -210,7 +183,7 @@ async fn operator_static_pods_elect_one_leader_and_fail_over() {
             let states: Vec<String> = nodes.iter().map(|n| election_state(&format!("kcm-operator-{n}"))).collect();
             let leaders: Vec<&String> = nodes.iter().zip(&states).filter(|(_, s)| *s == "leading").map(|(n, _)| n).collect();
             let followers = states.iter().filter(|s| *s == "following").count();
-            (leaders.len() == 1 && followers == 2 && leaders[0] == holder_node(&h)).then_some((h, states))
+            (leaders.len() == 1 && followers == 2 && *leaders[0] == holder_node(&h)).then_some((h, states))
         }
     })
     .await;
