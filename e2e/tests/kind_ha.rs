@@ -207,10 +207,14 @@ async fn ha_kcm_on_three_masters() {
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let applied_at = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, Duration>::new()));
     let t0 = Instant::now();
+    // Mid-rollout, once the first master is done, the operator's pod is deleted: the
+    // replica that replaces it takes the operator's Lease over and finishes the rollout.
+    let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
         let c = c.clone();
         let masters = masters.clone();
         let applied_at = applied_at.clone();
+        let killed = killed.clone();
         async move {
             let (k, s) = status(&c).await;
             let rev = spec_revision(&k.spec);
@@ -220,10 +224,20 @@ async fn ha_kcm_on_three_masters() {
                     at.entry(n.name.clone()).or_insert(t0.elapsed());
                 }
             }
+            let mut killed = killed.lock().unwrap();
+            if !at.is_empty() && at.len() < masters.len() && killed.is_none() {
+                let (_, pods) = kubectl(&["-n", "kcm-operator", "get", "pods", "-l", "app.kubernetes.io/name=kcm-operator", "-o", "name"]);
+                let (ok, out) = kubectl(&["-n", "kcm-operator", "delete", "pod", "-l", "app.kubernetes.io/name=kcm-operator", "--wait=false"]);
+                assert!(ok, "deleting the operator pod: {out}");
+                *killed = Some(format!("{} deleted at +{:.1}s with {:?} done", pods.trim(), t0.elapsed().as_secs_f64(), at.keys().collect::<Vec<_>>()));
+            }
             masters.iter().all(|m| at.contains_key(m))
         }
     })
     .await;
+    let killed = killed.lock().unwrap().clone();
+    println!("operator takeover: {killed:?}");
+    assert!(killed.is_some(), "the operator pod was deleted mid-rollout");
     let applied_at = applied_at.lock().unwrap().clone();
     println!("flag change: applied at {applied_at:?}; leader {leader}; at most {worst} down at once; {log:?}");
     assert!(worst <= 1, "two masters without kcm at once: {log:?}");
