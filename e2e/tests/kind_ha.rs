@@ -210,12 +210,33 @@ async fn ha_kcm_on_three_masters() {
     // Mid-rollout, once the first master is done, the operator's pod is deleted: the
     // replica that replaces it takes the operator's Lease over and finishes the rollout.
     let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    // kcm's Lease as last seen: (holder node, renewTime); and the leaderless gap at a hand-off,
+    // from the old holder's last renewal to the new holder's acquisition.
+    let lease_seen = std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
     let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
         let c = c.clone();
         let masters = masters.clone();
         let applied_at = applied_at.clone();
         let killed = killed.clone();
+        let lease_seen = lease_seen.clone();
         async move {
+            if let Ok(l) = Api::<Lease>::namespaced(c.clone(), "kube-system").get("kube-controller-manager").await {
+                let spec = l.spec.unwrap_or_default();
+                let holder = leader_node(spec.holder_identity.as_deref());
+                let mut seen = lease_seen.lock().unwrap();
+                if holder.is_some() && seen.0.is_some() && holder != seen.0 {
+                    if let (Some(last), Some(acq)) = (seen.1, spec.acquire_time.as_ref().map(|t| t.0)) {
+                        let gap = acq.duration_since(last).as_secs_f64();
+                        let line = format!("{} -> {}: {gap:.1}s without a leader", seen.0.clone().unwrap_or_default(), holder.clone().unwrap_or_default());
+                        seen.2.push(line);
+                        seen.3.push(gap);
+                    }
+                }
+                if holder.is_some() {
+                    seen.0 = holder;
+                    seen.1 = spec.renew_time.map(|t| t.0);
+                }
+            }
             let (k, s) = status(&c).await;
             let rev = spec_revision(&k.spec);
             let mut at = applied_at.lock().unwrap();
@@ -237,6 +258,12 @@ async fn ha_kcm_on_three_masters() {
     .await;
     let killed = killed.lock().unwrap().clone();
     println!("operator takeover: {killed:?}");
+    let (_, _, handoffs, gaps) = lease_seen.lock().unwrap().clone();
+    println!("kcm leader hand-offs during the rollout: {handoffs:?}");
+    // Restarting the leader's kcm hands the Lease to a follower without waiting out the
+    // 15 s lease: the helper releases it once the old kcm is confirmed down.
+    assert!(!gaps.is_empty(), "restarting the leader's node moved the kcm Lease");
+    assert!(gaps.iter().all(|g| *g < 10.0), "leaderless gaps at hand-off: {handoffs:?}");
     assert!(killed.is_some(), "the operator pod was deleted mid-rollout");
     let applied_at = applied_at.lock().unwrap().clone();
     println!("flag change: applied at {applied_at:?}; leader {leader}; at most {worst} down at once; {log:?}");

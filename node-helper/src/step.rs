@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kcm_operator::api::{KubeControllerManagerSpec, KubeconfigMode};
+use kcm_operator::api::{KubeControllerManagerSpec, KubeconfigMode, KCM_LEASE};
 use kcm_operator::pki::rfc3339;
 use serde_json::json;
 
@@ -118,7 +118,7 @@ impl Node<'_> {
             || (installed.new_cert && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
         let result = async {
             if needs_restart {
-                self.systemd.reload_enable_restart().await?;
+                self.restart_with_handoff().await?;
             }
             self.wait_healthy(spec, &prepared, &installed.cert.serial_hex).await
         }
@@ -140,6 +140,55 @@ impl Node<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// Restarts the unit. When this master's kcm holds kcm's Lease, it is stopped first and,
+    /// once confirmed down, the Lease is released (as client-go releases it), so a running
+    /// follower takes over within its retry period instead of waiting out the lease.
+    async fn restart_with_handoff(&self) -> Result<(), StepError> {
+        self.systemd.systemctl(&["daemon-reload"]).await?;
+        self.systemd.systemctl(&["enable", &self.systemd.unit]).await?;
+        if !self.holds_kcm_lease().await {
+            self.systemd.systemctl(&["restart", &self.systemd.unit]).await?;
+            return Ok(());
+        }
+        // `systemctl stop` returns once the process has exited (or was killed at TimeoutStopSec).
+        self.systemd.systemctl(&["stop", &self.systemd.unit]).await?;
+        let state = self.systemd.state().await?;
+        let proc_root = self.host.root().join("proc");
+        let ours = crate::systemd::kcm_pids(&proc_root).len().saturating_sub(foreign_kcm_pids(&proc_root).len());
+        if state.main_pid == 0 && ours == 0 {
+            match self.release_kcm_lease().await {
+                Ok(true) => tracing::info!(node = self.name, "kcm stopped and confirmed down: released its Lease for a follower"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(node = self.name, "releasing kcm's Lease: {e} (a follower takes over when it expires)"),
+            }
+        }
+        self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
+        Ok(())
+    }
+
+    async fn holds_kcm_lease(&self) -> bool {
+        let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
+        let holder = api.get(KCM_LEASE.1).await.ok().and_then(|l| l.spec).and_then(|s| s.holder_identity);
+        kcm_operator::rollout::leader_node(holder.as_deref()).as_deref() == Some(self.name)
+    }
+
+    /// Empties kcm's Lease if this master still holds it (resourceVersion-guarded).
+    async fn release_kcm_lease(&self) -> Result<bool, kube::Error> {
+        let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
+        let mut lease = api.get(KCM_LEASE.1).await?;
+        let Some(spec) = lease.spec.as_mut() else { return Ok(false) };
+        if kcm_operator::rollout::leader_node(spec.holder_identity.as_deref()).as_deref() != Some(self.name) {
+            return Ok(false);
+        }
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+        spec.holder_identity = Some(String::new());
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(now.clone());
+        spec.acquire_time = Some(now);
+        api.replace(KCM_LEASE.1, &Default::default(), &lease).await?;
+        Ok(true)
     }
 
     /// Moves kubeadm's static pod manifest aside and waits until its kcm is gone.
