@@ -41,7 +41,7 @@ unit_tests() {
 
 crd_drift() {
   local tmp; tmp=$(mktemp)
-  cargo run -q -p kcm-operator --bin crdgen >"$tmp"
+  cargo run -q -p kcm-operator --bin crdgen >"$tmp" || return 1
   if ! diff -u manifests/base/crd.yaml "$tmp"; then
     log "manifests/base/crd.yaml differs from the Rust types: run 'cargo run -p kcm-operator --bin crdgen > manifests/base/crd.yaml'"
     rm -f "$tmp"; return 1
@@ -58,23 +58,22 @@ api_tier() {
 # Static binaries (glibc, crt-static) in FROM-scratch images: nothing is pulled.
 build_images() {
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-static" \
-    cargo build --release --target "$STATIC_TARGET" -p kcm-operator -p node-helper
+    cargo build --release --target "$STATIC_TARGET" -p kcm-operator -p node-helper || return 1
   local out="$KCM_CACHE/cargo-target-static/$STATIC_TARGET/release" ctx
   for bin in kcm-operator node-helper; do
     ctx=$(mktemp -d)
-    cp "$out/$bin" "$ctx/$bin"
+    cp "$out/$bin" "$ctx/$bin" || return 1
     printf 'FROM scratch\nCOPY %s /%s\nENTRYPOINT ["/%s"]\n' "$bin" "$bin" "$bin" >"$ctx/Dockerfile"
     local tag="kcm-operator/${bin#kcm-}:dev"
     [ "$bin" = kcm-operator ] && tag=kcm-operator/operator:dev
-    DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null
+    DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null || return 1
     rm -rf "$ctx"
     log "built image $tag"
   done
 }
 
 load_images() {
-  bash "$TESTBED" load-image kcm-operator/operator:dev
-  bash "$TESTBED" load-image kcm-operator/node-helper:dev
+  bash "$TESTBED" load-image kcm-operator/operator:dev kcm-operator/node-helper:dev
 }
 
 cluster_up() { bash "$TESTBED" up; }
@@ -83,16 +82,17 @@ cluster_down() { bash "$TESTBED" down; }
 kind_e2e() {
   # One file at a time, in this order: each leaves the cluster as the next expects it.
   local t
+  # (`step` runs this in an `if`, where `set -e` does not apply: every failure returns.)
   for t in testbed kind_ha kind_operator; do
-    cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture
+    cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture || return 1
   done
 }
 
 apply_manifests() {
   local k=("$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig")
   # The CRD first: a CR in the same apply as its new CRD is refused.
-  "${k[@]}" apply -f manifests/base/crd.yaml
-  "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io
+  "${k[@]}" apply -f manifests/base/crd.yaml || return 1
+  "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io || return 1
   "${k[@]}" apply -k manifests/kind/
 }
 

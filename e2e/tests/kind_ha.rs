@@ -210,7 +210,7 @@ async fn ha_kcm_on_three_masters() {
     // Mid-rollout, once the first master is done, the operator's pod is deleted: the
     // replica that replaces it takes the operator's Lease over and finishes the rollout.
     let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-    // kcm's Lease as last seen: (holder node, renewTime); and the leaderless gap at a hand-off,
+    // kcm's Lease as last seen: (holder identity, renewTime); and the leaderless gap at a hand-off,
     // from the old holder's last renewal to the new holder's acquisition.
     let lease_seen = std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
     let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
@@ -222,7 +222,8 @@ async fn ha_kcm_on_three_masters() {
         async move {
             if let Ok(l) = Api::<Lease>::namespaced(c.clone(), "kube-system").get("kube-controller-manager").await {
                 let spec = l.spec.unwrap_or_default();
-                let holder = leader_node(spec.holder_identity.as_deref());
+                // The full identity (`<host>_<uuid>`): a restarted kcm on the same master is a new holder.
+                let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
                 let mut seen = lease_seen.lock().unwrap();
                 if holder.is_some() && seen.0.is_some() && holder != seen.0 {
                     if let (Some(last), Some(acq)) = (seen.1, spec.acquire_time.as_ref().map(|t| t.0)) {
