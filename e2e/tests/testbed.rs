@@ -22,8 +22,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::Client;
 use serde_json::json;
 
 /// The Kubernetes version the test bed built (testbed.sh writes it to $KCM_STATE/k8s-version;
@@ -37,7 +36,7 @@ fn k8s_version() -> String {
 }
 /// The debootstrapped Debian image the test bed imports into docker and into every node.
 const BASE_IMAGE: &str = "kcm-testbed/debian:bookworm";
-const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+use kcm_operator::api::CONTROL_PLANE_LABEL;
 
 fn state_dir() -> PathBuf {
     PathBuf::from(std::env::var("KCM_STATE").unwrap_or_else(|_| "/var/tmp/kcm-e2e".into()))
@@ -48,17 +47,7 @@ fn testbed_script() -> PathBuf {
 }
 
 async fn client() -> Result<Client> {
-    let path = state_dir().join("kubeconfig");
-    if !path.exists() {
-        bail!(
-            "no kubeconfig at {}: bring the cluster up first with `{} up`",
-            path.display(),
-            testbed_script().display()
-        );
-    }
-    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(e2e::kind::client().await)
 }
 
 /// Polls `check` every 2s until it returns `Ok(Ok(value))`, or fails after `timeout` with

@@ -146,8 +146,7 @@ impl Node<'_> {
     /// once confirmed down, the Lease is released (as client-go releases it), so a running
     /// follower takes over within its retry period instead of waiting out the lease.
     async fn restart_with_handoff(&self) -> Result<(), StepError> {
-        self.systemd.systemctl(&["daemon-reload"]).await?;
-        self.systemd.systemctl(&["enable", &self.systemd.unit]).await?;
+        self.systemd.reload_enable().await?;
         if !self.holds_kcm_lease().await {
             self.systemd.systemctl(&["restart", &self.systemd.unit]).await?;
             return Ok(());

@@ -78,10 +78,16 @@ impl HostSystemd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Seed 2.1: daemon-reload, enable, restart.
-    pub async fn reload_enable_restart(&self) -> Result<(), SystemdError> {
+    /// daemon-reload and enable: the unit file on disk becomes the one systemd runs next.
+    pub async fn reload_enable(&self) -> Result<(), SystemdError> {
         self.systemctl(&["daemon-reload"]).await?;
         self.systemctl(&["enable", &self.unit]).await?;
+        Ok(())
+    }
+
+    /// Seed 2.1: daemon-reload, enable, restart.
+    pub async fn reload_enable_restart(&self) -> Result<(), SystemdError> {
+        self.reload_enable().await?;
         self.systemctl(&["restart", &self.unit]).await?;
         Ok(())
     }
