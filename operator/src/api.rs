@@ -30,6 +30,21 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 pub const KCM_LEASE: (&str, &str) = ("kube-system", "kube-controller-manager");
 /// Label of control-plane nodes set by kubeadm; the default master selector.
 pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+/// `app.kubernetes.io/name` of the node-helper DaemonSet's pods (its selector).
+pub const HELPER_APP: &str = "kcm-node-helper";
+/// `app.kubernetes.io/name` of a rescue helper pod: the operator's copy of the DaemonSet's
+/// template pinned to one master by `nodeName`, not matched by the DaemonSet's selector.
+pub const RESCUE_APP: &str = "kcm-node-helper-rescue";
+/// Name of the node-helper DaemonSet (and prefix of rescue pods: `<name>-rescue-<node>`).
+pub const HELPER_DAEMONSET: &str = "kcm-node-helper";
+/// `app.kubernetes.io/name` of the operator's static pods.
+pub const OPERATOR_APP: &str = "kcm-operator";
+/// File name of the operator's static pod manifest in the kubelet's static pod directory.
+pub const OPERATOR_MANIFEST: &str = "kcm-operator.yaml";
+/// A helper reports at least this often (seconds), also when nothing changed.
+pub const REPORT_PERIOD_SECS: i64 = 10;
+/// A node report older than this (seconds) is unknown: neither healthy nor unhealthy.
+pub const STALE_AFTER_SECS: i64 = 3 * REPORT_PERIOD_SECS;
 
 /// Desired state of the highly available kube-controller-manager. Cluster-scoped, one per cluster.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -341,4 +356,19 @@ pub struct NodeStatus {
     pub warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the helper last looked at this master (RFC 3339). Absent: no helper reports
+    /// (it stopped); older than [`STALE_AFTER_SECS`]: unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<String>,
+    /// SHA-256 (hex) of each file the helper wrote (key, cert, kubeconfig, unit), by host path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_hashes: BTreeMap<String, String>,
+    /// What differs on disk from what the helper wrote, one line each (a missing or changed
+    /// file, an expired certificate). Non-empty: the master gets a repair step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    /// Why the operator's static pod is not placed on this master (no static pod path, CA
+    /// key missing, ...); absent when it is placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_pod_error: Option<String>,
 }

@@ -8,5 +8,7 @@ pub mod identity;
 pub mod logging;
 pub mod pki;
 pub mod render;
+pub mod rescue;
 pub mod rollout;
 pub mod signer;
+pub mod staticpod;

@@ -174,7 +174,7 @@ async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerCon
         tokio::select! {
             why = lost => tracing::warn!("lost leadership ({why}): signer stopped"),
             _ = approver::run(client.clone(), signer.clone()) => return anyhow::anyhow!("signer stream ended"),
-            _ = kcm_operator::rollout::run(client.clone()) => return anyhow::anyhow!("rollout stream ended"),
+            _ = kcm_operator::rollout::run(client.clone(), signer.ca_cert.clone()) => return anyhow::anyhow!("rollout stream ended"),
         }
     }
 }

@@ -18,7 +18,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{KubeControllerManager, KubeControllerManagerSpec, NodeStatus, KCM_LEASE, OPERATOR_MANAGER};
+use crate::api::{KubeControllerManager, KubeControllerManagerSpec, NodeStatus, KCM_LEASE, OPERATOR_MANAGER, STALE_AFTER_SECS};
 use crate::approver::{is_master, CR_NAME};
 use crate::render::spec_revision;
 
@@ -35,6 +35,8 @@ pub enum Decision {
     Stop { node: String, reason: String },
     /// Paused by the spec.
     Paused,
+    /// `node`'s repair failed; the next try waits (Degraded `RepairFailed`).
+    Backoff { node: String, reason: String },
 }
 
 /// The spec part of a target revision (`<spec>` or `<spec>/renew-<serial>`).
@@ -58,46 +60,174 @@ fn parse_time(s: &str) -> Option<i64> {
     s.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| t.as_second())
 }
 
-/// The revision `node` should run, or `None` when it runs it already.
-fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, now: i64) -> Option<(String, String)> {
+/// The revision `node` should run, or `None` when it runs it already. A certificate
+/// capped by the cluster CA's notAfter is not renewed again under that CA (it cannot get
+/// longer): see [`ca_expiring`].
+fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_after: Option<i64>, now: i64) -> Option<(String, String)> {
     let applied = n.applied_revision.as_deref().map(spec_part);
     if applied != Some(rev) {
         return Some((rev.to_string(), format!("runs {}, spec is {rev}", n.applied_revision.as_deref().unwrap_or("nothing of ours"))));
     }
     let not_after = n.not_after.as_deref().and_then(parse_time)?;
     let serial = n.cert_serial.as_deref()?;
+    if capped_by_ca(not_after, ca_not_after) {
+        return None;
+    }
     renewal_due(spec, not_after, now).then(|| (format!("{rev}/renew-{serial}"), format!("certificate {serial} expires {}", n.not_after.as_deref().unwrap_or("?"))))
 }
 
-/// Decides the next step. `masters`: names of the selected masters; `status`: the per-node
-/// entries; `leader`: the node holding kcm's Lease.
-pub fn decide(spec: &KubeControllerManagerSpec, masters: &[String], status: &[NodeStatus], leader: Option<&str>, now: i64) -> Decision {
+/// Whether a certificate ending at `not_after` was cut short by the CA's own notAfter
+/// (the signer caps validity at it): renewing it again under the same CA gains nothing.
+pub fn capped_by_ca(not_after: i64, ca_not_after: Option<i64>) -> bool {
+    ca_not_after.is_some_and(|ca| not_after + CA_CAP_SLACK_SECS >= ca)
+}
+
+/// A certificate ending this close to the CA's notAfter (seconds) counts as capped by it.
+pub const CA_CAP_SLACK_SECS: i64 = 60;
+
+/// When the cluster CA itself expires inside the renewal window: the message for
+/// Degraded/`ClusterCAExpiring`. Certificates are renewed once under it (capped at its
+/// notAfter), never in a loop.
+pub fn ca_expiring(spec: &KubeControllerManagerSpec, ca_not_after: Option<i64>, now: i64) -> Option<String> {
+    let ca = ca_not_after?;
+    (now >= renew_at(spec, ca)).then(|| {
+        format!("the cluster CA expires at {}: kcm certificates issued under it end then; renew the CA (certificates are renewed once under it, not again)", ts(ca))
+    })
+}
+
+fn ts(t: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(t).map(|t| t.to_string()).unwrap_or_else(|_| t.to_string())
+}
+
+/// Whether `n`'s report is recent enough to be believed: its helper looked at the master
+/// less than [`STALE_AFTER_SECS`] ago. A report without `observedAt` is unknown.
+pub fn fresh(n: &NodeStatus, now: i64) -> bool {
+    n.observed_at.as_deref().and_then(parse_time).is_some_and(|t| now - t <= STALE_AFTER_SECS)
+}
+
+/// What is wrong with a master that runs our kcm, from its (fresh) report: unhealthy kcm,
+/// files that differ from what the helper wrote, an expired certificate.
+pub fn problems(n: &NodeStatus, now: i64) -> Vec<String> {
+    let mut p = Vec::new();
+    if !n.healthy {
+        p.push(if n.unit_active { "kcm does not answer /healthz".to_string() } else { "kcm unit is not active".to_string() });
+    }
+    p.extend(n.drift.iter().cloned());
+    if let Some(t) = n.not_after.as_deref().and_then(parse_time).filter(|t| *t <= now) {
+        p.push(format!("certificate {} expired at {}", n.cert_serial.as_deref().unwrap_or("?"), ts(t)));
+    }
+    p
+}
+
+/// The revision that repairs a master: the spec's, tagged with when it was given, so a
+/// second repair of the same spec is a new target.
+pub fn repair_revision(rev: &str, now: i64) -> String {
+    format!("{rev}/repair-{now}")
+}
+
+/// When a repair revision was given (unix seconds), `None` for other revisions.
+pub fn repair_given_at(revision: &str) -> Option<i64> {
+    revision.split_once("/repair-").and_then(|(_, t)| t.parse().ok())
+}
+
+/// After a failed repair, the next one waits this long (seconds) past the step's own deadline.
+pub const REPAIR_BACKOFF_SECS: i64 = 30;
+
+/// Inputs of [`decide`] besides the spec.
+#[derive(Clone, Debug, Default)]
+pub struct Facts<'a> {
+    /// Names of the selected masters.
+    pub masters: &'a [String],
+    /// The per-node reports.
+    pub status: &'a [NodeStatus],
+    /// The node holding kcm's Lease (only while the Lease is live).
+    pub leader: Option<&'a str>,
+    /// The cluster CA's notAfter (unix), when known.
+    pub ca_not_after: Option<i64>,
+    pub now: i64,
+}
+
+/// Decides the next step.
+///
+/// - One step at a time: while a master applies its target, wait.
+/// - Repair first: a master that runs our kcm and whose fresh report shows a problem
+///   (unhealthy, drift, expired certificate) gets a repair step, one at a time, the one
+///   with the fewest problems first (closest to healthy), the kcm leader's master last.
+///   A failed repair is retried after a backoff. Healthy masters are not touched meanwhile.
+/// - A spec revision that failed and was rolled back stops the rollout until the spec changes.
+/// - Otherwise spec changes and due renewals, the leader's master last, and only while every
+///   other master that runs our kcm is healthy and reports (a healthy master is never taken
+///   down while another is unhealthy or unknown).
+pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     if spec.paused {
         return Decision::Paused;
     }
+    let now = f.now;
     let rev = spec_revision(spec);
-    let entry = |name: &str| status.iter().find(|n| n.name == name).cloned().unwrap_or_else(|| NodeStatus { name: name.to_string(), ..Default::default() });
-    let nodes: Vec<NodeStatus> = masters.iter().map(|m| entry(m)).collect();
+    let entry = |name: &str| f.status.iter().find(|n| n.name == name).cloned().unwrap_or_else(|| NodeStatus { name: name.to_string(), ..Default::default() });
+    let nodes: Vec<NodeStatus> = f.masters.iter().map(|m| entry(m)).collect();
+    let is_leader = |n: &NodeStatus| Some(n.name.as_str()) == f.leader;
 
     for n in &nodes {
         if let Some(t) = n.target_revision.as_deref() {
-            if n.failed_revision.as_deref() == Some(t) && spec_part(t) == rev {
-                return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
-            }
             if n.applied_revision.as_deref() != Some(t) && n.failed_revision.as_deref() != Some(t) {
                 return Decision::Wait { node: n.name.clone(), why: format!("applying {t}") };
             }
         }
     }
-    let mut todo: Vec<(&NodeStatus, String, String)> = nodes.iter().filter_map(|n| wanted(spec, &rev, n, now).map(|(r, why)| (n, r, why))).collect();
+
+    let ours = |n: &NodeStatus| n.applied_revision.is_some();
+    let mut broken: Vec<(&NodeStatus, Vec<String>)> =
+        nodes.iter().filter(|n| ours(n) && fresh(n, now)).map(|n| (n, problems(n, now))).filter(|(_, p)| !p.is_empty()).collect();
+    broken.sort_by_key(|(n, p)| (p.len(), is_leader(n), n.name.clone()));
+    let mut backing_off = None;
+    for (n, p) in &broken {
+        let failed_repair = n.target_revision.is_some() && n.failed_revision == n.target_revision;
+        if let Some(given) = n.target_revision.as_deref().filter(|_| failed_repair).and_then(repair_given_at) {
+            let retry_at = given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
+            if now < retry_at {
+                backing_off.get_or_insert((n.name.clone(), format!("repair failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at))));
+                continue;
+            }
+        }
+        return Decision::Go { node: n.name.clone(), revision: repair_revision(&rev, now), why: format!("repair: {}", p.join("; ")) };
+    }
+    if let Some((node, reason)) = backing_off {
+        return Decision::Backoff { node, reason };
+    }
+
+    for n in &nodes {
+        if let Some(t) = n.target_revision.as_deref() {
+            if n.failed_revision.as_deref() == Some(t) && spec_part(t) == rev && repair_given_at(t).is_none() {
+                return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
+            }
+        }
+    }
+    let mut todo: Vec<(&NodeStatus, String, String)> =
+        nodes.iter().filter(|n| fresh(n, now)).filter_map(|n| wanted(spec, &rev, n, f.ca_not_after, now).map(|(r, why)| (n, r, why))).collect();
     // The leader's node goes last; otherwise by name, for a predictable order.
-    todo.sort_by_key(|(n, _, _)| (Some(n.name.as_str()) == leader, n.name.clone()));
+    todo.sort_by_key(|(n, _, _)| (is_leader(n), n.name.clone()));
     let Some((next, revision, why)) = todo.into_iter().next() else { return Decision::Done };
-    // Never two masters without kcm: every other master that runs our kcm must be healthy.
-    if let Some(down) = nodes.iter().find(|n| n.name != next.name && n.applied_revision.is_some() && !n.healthy) {
-        return Decision::Wait { node: down.name.clone(), why: format!("{} is not healthy; {} waits", down.name, next.name) };
+    // Never two masters without kcm: every other master that runs our kcm must report, healthy.
+    if let Some(down) = nodes.iter().find(|n| n.name != next.name && ours(n) && !(fresh(n, now) && n.healthy)) {
+        let state = if fresh(down, now) { "is not healthy" } else { "has no fresh report" };
+        return Decision::Wait { node: down.name.clone(), why: format!("{} {state}; {} waits", down.name, next.name) };
     }
     Decision::Go { node: next.name.clone(), revision, why }
+}
+
+/// The node holding kcm's Lease, while the Lease is live: a holder whose
+/// `renewTime + leaseDurationSeconds` has passed leads nothing.
+pub fn live_leader(lease: Option<&k8s_openapi::api::coordination::v1::LeaseSpec>, now: i64) -> Option<String> {
+    let l = lease?;
+    let expires = lease_expiry(l)?;
+    (now <= expires).then(|| leader_node(l.holder_identity.as_deref())).flatten()
+}
+
+/// When a Lease expires unless renewed (unix seconds).
+pub fn lease_expiry(l: &k8s_openapi::api::coordination::v1::LeaseSpec) -> Option<i64> {
+    let renewed = l.renew_time.as_ref().or(l.acquire_time.as_ref())?.0.as_second();
+    Some(renewed + i64::from(l.lease_duration_seconds.unwrap_or(15)))
 }
 
 /// Holder of kcm's Lease, as a node name (`<hostname>_<uuid>` → hostname).
@@ -129,6 +259,52 @@ fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> RolloutError
 struct Ctx {
     client: kube::Client,
     recorder: Recorder,
+    /// The cluster CA certificate the signer issues under (its notAfter caps renewals; its
+    /// PEM seeds `kube-root-ca.crt` when no kcm has published it).
+    ca_cert: std::path::PathBuf,
+}
+
+/// The CR's aggregate status from the per-node reports (pure): READY counts only fresh
+/// healthy reports; Available is True while at least one master is healthy; Degraded names
+/// the most urgent reason.
+pub fn aggregate(masters: &[String], nodes: &[NodeStatus], decision: &Decision, ca_message: Option<&str>, now: i64) -> (usize, Vec<(&'static str, bool, String, String)>) {
+    let healthy = masters.iter().filter(|m| nodes.iter().any(|n| &n.name == *m && n.healthy && fresh(n, now))).count();
+    let available = healthy > 0;
+    let mut conds = Vec::new();
+    conds.push((
+        "Available",
+        available,
+        if available { "MastersHealthy" } else { "NoHealthyMaster" }.to_string(),
+        format!("{healthy}/{} masters run a healthy kube-controller-manager (fresh reports)", masters.len()),
+    ));
+    let (progressing, preason, pmsg) = match decision {
+        Decision::Go { node, revision, .. } => (true, "RollingOut", format!("{node} gets {revision}")),
+        Decision::Wait { node, why } => (true, "Waiting", format!("{node}: {why}")),
+        Decision::Backoff { node, reason } => (true, "RepairBackoff", format!("{node}: {reason}")),
+        Decision::Done => (false, "UpToDate", "every master runs the spec".to_string()),
+        Decision::Paused => (false, "Paused", "spec.paused is true".to_string()),
+        Decision::Stop { node, .. } => (false, "Stopped", format!("stopped at {node}")),
+    };
+    conds.push(("Progressing", progressing, preason.to_string(), pmsg));
+    let pod_errors: Vec<String> =
+        masters.iter().filter_map(|m| nodes.iter().find(|n| &n.name == m).and_then(|n| n.operator_pod_error.as_ref().map(|e| format!("{m}: {e}")))).collect();
+    let (degraded, dreason, dmsg) = match decision {
+        Decision::Stop { node, reason } => (true, "RolloutFailed", format!("{node}: {reason}")),
+        Decision::Backoff { node, reason } => (true, "RepairFailed", format!("{node}: {reason}")),
+        _ if !pod_errors.is_empty() => (true, "OperatorPodNotPlaced", pod_errors.join("; ")),
+        _ => match ca_message {
+            Some(m) => (true, "ClusterCAExpiring", m.to_string()),
+            None => (false, "AsExpected", String::new()),
+        },
+    };
+    conds.push(("Degraded", degraded, dreason.to_string(), dmsg));
+    (healthy, conds)
+}
+
+fn read_ca(path: &std::path::Path) -> Option<(String, i64)> {
+    let pem = std::fs::read_to_string(path).map_err(|e| tracing::warn!("reading the cluster CA {}: {e}", path.display())).ok()?;
+    let info = crate::pki::CertInfo::from_pem(pem.as_bytes(), "cluster CA").map_err(|e| tracing::warn!("{e}")).ok()?;
+    Some((pem, info.not_after))
 }
 
 async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Action, RolloutError> {
@@ -138,10 +314,26 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
     let mut masters: Vec<String> = nodes.items.iter().filter(|n| is_master(n, &spec.master_selector)).map(|n| n.name_any()).collect();
     masters.sort();
     let lease = Api::<Lease>::namespaced(ctx.client.clone(), KCM_LEASE.0).get_opt(KCM_LEASE.1).await.map_err(kube_err("reading kcm's Lease"))?;
-    let leader = leader_node(lease.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.as_deref()));
-    let status = kcm.status.clone().unwrap_or_default();
     let now = k8s_openapi::jiff::Timestamp::now();
-    let decision = decide(spec, &masters, &status.nodes, leader.as_deref(), now.as_second());
+    let lease_spec = lease.as_ref().and_then(|l| l.spec.as_ref());
+    let leader = live_leader(lease_spec, now.as_second());
+    let ca = read_ca(&ctx.ca_cert);
+
+    // Every master needs a running helper, also when no kcm (DaemonSet controller) runs.
+    match crate::rescue::run_once(&ctx.client, &masters, ca.as_ref().map(|(pem, _)| pem.as_str()), now.as_second()).await {
+        Ok(done) => {
+            for d in done {
+                tracing::info!("rescue: {d}");
+                publish(&ctx, &kcm, EventType::Normal, "Rescue", &d).await;
+            }
+        }
+        Err(e) => tracing::warn!("rescue: {e}"),
+    }
+
+    let status = kcm.status.clone().unwrap_or_default();
+    let ca_not_after = ca.as_ref().map(|(_, t)| *t);
+    let facts = Facts { masters: &masters, status: &status.nodes, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
+    let decision = decide(spec, &facts);
 
     // Targets: keep every master's current target, set the new one.
     let mut targets: BTreeMap<String, Option<String>> = masters.iter().map(|m| (m.clone(), status.nodes.iter().find(|n| &n.name == m).and_then(|n| n.target_revision.clone()))).collect();
@@ -151,32 +343,27 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
         tracing::info!("rollout: {note}");
         publish(&ctx, &kcm, EventType::Normal, "RolloutStep", &note).await;
     }
+    let was_degraded = |reason: &str| status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason);
     if let Decision::Stop { node, reason } = &decision {
-        if !status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True") {
+        if !was_degraded("RolloutFailed") {
             publish(&ctx, &kcm, EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
         }
     }
+    if let Decision::Backoff { node, reason } = &decision {
+        if !was_degraded("RepairFailed") {
+            publish(&ctx, &kcm, EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
+        }
+    }
 
-    let healthy = masters.iter().filter(|m| status.nodes.iter().any(|n| &n.name == *m && n.healthy)).count();
+    let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
+    let (healthy, wanted_conds) = aggregate(&masters, &status.nodes, &decision, ca_message.as_deref(), now.as_second());
     let expires = status.nodes.iter().filter(|n| masters.contains(&n.name)).filter_map(|n| n.not_after.clone()).min();
     let gen = kcm.meta().generation;
     let time = Time(now);
     let mut conds = status.conditions.clone();
-    let all = !masters.is_empty() && healthy == masters.len();
-    set_condition(&mut conds, "Available", all, if all { "AllMastersHealthy" } else { "MastersUnhealthy" }, &format!("{healthy}/{} masters run a healthy kube-controller-manager", masters.len()), gen, time.clone());
-    let (progressing, preason, pmsg) = match &decision {
-        Decision::Go { node, revision, .. } => (true, "RollingOut", format!("{node} gets {revision}")),
-        Decision::Wait { node, why } => (true, "Waiting", format!("{node}: {why}")),
-        Decision::Done => (false, "UpToDate", "every master runs the spec".to_string()),
-        Decision::Paused => (false, "Paused", "spec.paused is true".to_string()),
-        Decision::Stop { node, .. } => (false, "Stopped", format!("stopped at {node}")),
-    };
-    set_condition(&mut conds, "Progressing", progressing, preason, &pmsg, gen, time.clone());
-    let (degraded, dreason, dmsg) = match &decision {
-        Decision::Stop { node, reason } => (true, "RolloutFailed", format!("{node}: {reason}")),
-        _ => (false, "AsExpected", String::new()),
-    };
-    set_condition(&mut conds, "Degraded", degraded, dreason, &dmsg, gen, time);
+    for (type_, value, reason, message) in &wanted_conds {
+        set_condition(&mut conds, type_, *value, reason, message, gen, time.clone());
+    }
 
     let node_entries: Vec<serde_json::Value> = targets
         .iter()
@@ -191,6 +378,8 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
         "nodes": node_entries,
         "conditions": conds,
     });
+    // Left out when unknown: server-side apply then removes what this manager set before
+    // (no live Lease, no leader shown).
     if let Some(l) = &leader {
         st["leader"] = json!(l);
     }
@@ -200,17 +389,16 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
     let body = json!({"apiVersion": "kcm.kcm-operator.io/v1alpha1", "kind": "KubeControllerManager", "metadata": {"name": CR_NAME}, "status": st});
     api.patch_status(CR_NAME, &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(body)).await.map_err(kube_err("writing status"))?;
 
-    // Requeue from the nearest deadline: soon while a rollout moves, else at the next renewal.
+    // Requeue from the nearest deadline: soon while a rollout moves; when the Lease would
+    // expire (so LEADER empties on time); at the latest after one report period, so stale
+    // reports and missing helpers are seen.
     let next = match decision {
-        Decision::Go { .. } | Decision::Wait { .. } => Duration::from_secs(3),
-        Decision::Stop { .. } | Decision::Paused => Duration::from_secs(30),
-        Decision::Done => {
-            let soonest = status.nodes.iter().filter_map(|n| n.not_after.as_deref().and_then(parse_time)).map(|t| renew_at(spec, t)).min();
-            let secs = soonest.map_or(300, |t| (t - now.as_second()).clamp(10, 300));
-            Duration::from_secs(secs as u64)
-        }
+        Decision::Go { .. } | Decision::Wait { .. } => 3,
+        Decision::Stop { .. } | Decision::Paused | Decision::Backoff { .. } | Decision::Done => crate::api::REPORT_PERIOD_SECS,
     };
-    Ok(Action::requeue(next))
+    let until_lease = lease_spec.and_then(lease_expiry).filter(|_| leader.is_some()).map(|t| t + 1 - now.as_second());
+    let secs = until_lease.map_or(next, |u| u.clamp(1, next));
+    Ok(Action::requeue(Duration::from_secs(secs as u64)))
 }
 
 async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, type_: EventType, reason: &str, note: &str) {
@@ -225,15 +413,15 @@ fn error_policy(_: Arc<KubeControllerManager>, err: &RolloutError, _: Arc<Ctx>) 
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the rollout controller until the stream ends.
-pub async fn run(client: kube::Client) {
+/// Runs the rollout controller until the stream ends. `ca_cert`: the cluster CA the signer uses.
+pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf) {
     let api: Api<KubeControllerManager> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: OPERATOR_MANAGER.into(), instance: None });
     // kcm's Lease too: status.leader follows a failover at once, not at the next requeue.
     let leases = Api::<Lease>::namespaced(client.clone(), KCM_LEASE.0);
     Controller::new(api, watcher::Config::default().fields(&format!("metadata.name={CR_NAME}")))
         .watches(leases, watcher::Config::default().fields(&format!("metadata.name={}", KCM_LEASE.1)), |_| Some(ObjectRef::new(CR_NAME)))
-        .run(reconcile, error_policy, Arc::new(Ctx { client, recorder }))
+        .run(reconcile, error_policy, Arc::new(Ctx { client, recorder, ca_cert }))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("rollout: {e}");
@@ -252,6 +440,10 @@ mod tests {
     fn masters() -> Vec<String> {
         vec!["m1".into(), "m2".into(), "m3".into()]
     }
+    const NOW: i64 = 1_800_000_000; // 2027-01-15
+    fn at(t: i64) -> String {
+        k8s_openapi::jiff::Timestamp::from_second(t).unwrap().to_string()
+    }
     fn done(name: &str, rev: &str) -> NodeStatus {
         NodeStatus {
             name: name.into(),
@@ -261,21 +453,37 @@ mod tests {
             unit_active: true,
             cert_serial: Some("AA".into()),
             not_after: Some("2030-01-01T00:00:00Z".into()),
+            observed_at: Some(at(NOW - 2)),
             ..Default::default()
         }
     }
-    const NOW: i64 = 1_800_000_000; // 2027-01-15
+    fn reported(name: &str) -> NodeStatus {
+        NodeStatus { name: name.into(), observed_at: Some(at(NOW - 1)), ..Default::default() }
+    }
+    fn run(s: &KubeControllerManagerSpec, st: &[NodeStatus], leader: Option<&str>) -> Decision {
+        decide(s, &Facts { masters: &masters(), status: st, leader, ca_not_after: None, now: NOW })
+    }
 
     #[test]
     fn fresh_cluster_starts_with_a_follower_and_leader_goes_last() {
         let s = spec();
         let rev = spec_revision(&s);
-        let d = decide(&s, &masters(), &[], Some("m1"), NOW);
+        let all = [reported("m1"), reported("m2"), reported("m3")];
+        let d = run(&s, &all, Some("m1"));
         assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m2" && *revision == rev), "{d:?}");
-        let st = vec![done("m2", &rev), done("m3", &rev)];
-        assert!(matches!(decide(&s, &masters(), &st, Some("m1"), NOW), Decision::Go { node, .. } if node == "m1"));
+        let st = vec![reported("m1"), done("m2", &rev), done("m3", &rev)];
+        assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m1"));
         let st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
-        assert_eq!(decide(&s, &masters(), &st, Some("m1"), NOW), Decision::Done);
+        assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
+    }
+
+    #[test]
+    fn no_step_for_a_master_without_a_reporting_helper() {
+        let s = spec();
+        // Only m3's helper reports: m3 goes first, m1 and m2 wait for theirs.
+        let d = run(&s, &[reported("m3")], None);
+        assert!(matches!(&d, Decision::Go { node, .. } if node == "m3"), "{d:?}");
+        assert_eq!(run(&s, &[], None), Decision::Done);
     }
 
     #[test]
@@ -284,18 +492,83 @@ mod tests {
         let rev = spec_revision(&s);
         let mut m2 = done("m2", "old");
         m2.target_revision = Some(rev.clone());
-        let d = decide(&s, &masters(), &[m2], None, NOW);
+        let d = run(&s, &[m2], None);
         assert!(matches!(&d, Decision::Wait { node, .. } if node == "m2"), "{d:?}");
     }
 
     #[test]
-    fn an_unhealthy_master_holds_the_rollout() {
+    fn a_healthy_master_is_never_taken_down_while_another_is_unhealthy_or_unknown() {
+        let mut s = spec();
+        let rev = spec_revision(&s);
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        s.kcm.verbosity = 4; // a spec change for everyone
+        // m1's helper has not reported for a minute: nobody is taken down.
+        st[0].observed_at = Some(at(NOW - 60));
+        let d = run(&s, &st, None);
+        assert!(matches!(&d, Decision::Wait { node, why } if node == "m1" && why.contains("no fresh report")), "{d:?}");
+    }
+
+    #[test]
+    fn an_unhealthy_master_is_repaired_not_waited_for() {
         let s = spec();
         let rev = spec_revision(&s);
-        let mut m1 = done("m1", &rev);
-        m1.healthy = false;
-        let d = decide(&s, &masters(), &[m1], None, NOW);
-        assert!(matches!(&d, Decision::Wait { node, .. } if node == "m1"), "{d:?}");
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        st[0].healthy = false;
+        let d = run(&s, &st, Some("m2"));
+        assert_eq!(d, Decision::Go { node: "m1".into(), revision: repair_revision(&rev, NOW), why: "repair: kcm does not answer /healthz".into() });
+    }
+
+    #[test]
+    fn every_master_down_repairs_one_at_a_time_closest_to_healthy_first() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        for n in &mut st {
+            n.healthy = false;
+            n.unit_active = false;
+        }
+        st[0].drift = vec!["/etc/kubernetes/kcm/kcm.pem: missing".into()];
+        st[1].not_after = Some(at(NOW - 10)); // expired
+        // m3 has one problem, m1 and m2 two each.
+        let d = run(&s, &st, None);
+        assert!(matches!(&d, Decision::Go { node, why, .. } if node == "m3" && why.contains("not active")), "{d:?}");
+        // While m3's repair runs, nothing else moves.
+        st[2].target_revision = Some(repair_revision(&rev, NOW));
+        assert!(matches!(run(&s, &st, None), Decision::Wait { node, .. } if node == "m3"));
+        // m3 repaired: next m1 (by name among equals), never two at once.
+        st[2] = done("m3", &repair_revision(&rev, NOW));
+        let d = run(&s, &st, None);
+        assert!(matches!(&d, Decision::Go { node, why, .. } if node == "m1" && why.contains("missing")), "{d:?}");
+    }
+
+    #[test]
+    fn expired_or_drifted_counts_as_due_now() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        st[1].not_after = Some(at(NOW - 1));
+        let d = run(&s, &st, None);
+        assert!(matches!(&d, Decision::Go { node, revision, why } if node == "m2" && revision.contains("/repair-") && why.contains("expired")), "{d:?}");
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        st[2].drift = vec!["/etc/kubernetes/kcm/kube-controller-manager.pem: changed".into()];
+        assert!(matches!(run(&s, &st, None), Decision::Go { node, .. } if node == "m3"));
+    }
+
+    #[test]
+    fn a_failed_repair_backs_off_then_retries() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
+        let given = repair_revision(&rev, NOW - 100);
+        st[0].healthy = false;
+        st[0].target_revision = Some(given.clone());
+        st[0].failed_revision = Some(given.clone());
+        st[0].message = Some("healthz never came".into());
+        assert!(matches!(run(&s, &st, None), Decision::Backoff { node, .. } if node == "m1"));
+        let later = NOW - 100 + i64::from(s.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
+        st[0].observed_at = Some(at(later - 1)); // the helper keeps reporting
+        let d = decide(&s, &Facts { masters: &masters(), status: &st, leader: None, ca_not_after: None, now: later });
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && *revision == repair_revision(&rev, later)), "{d:?}");
     }
 
     #[test]
@@ -306,10 +579,11 @@ mod tests {
         m2.target_revision = Some(rev.clone());
         m2.failed_revision = Some(rev.clone());
         m2.message = Some("healthz never came".into());
-        assert_eq!(decide(&s, &masters(), &[m2.clone()], None, NOW), Decision::Stop { node: "m2".into(), reason: "healthz never came".into() });
+        let st = vec![reported("m1"), m2.clone(), reported("m3")];
+        assert_eq!(run(&s, &st, None), Decision::Stop { node: "m2".into(), reason: "healthz never came".into() });
         let mut changed = s.clone();
         changed.kcm.verbosity = 3;
-        assert!(matches!(decide(&changed, &masters(), &[m2], None, NOW), Decision::Go { .. }));
+        assert!(matches!(run(&changed, &st, None), Decision::Go { .. }));
     }
 
     #[test]
@@ -318,20 +592,83 @@ mod tests {
         let rev = spec_revision(&s);
         let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
         // m3's certificate has less than 20% of a year left.
-        st[2].not_after = Some(k8s_openapi::jiff::Timestamp::from_second(NOW + 30 * 86400).unwrap().to_string());
+        st[2].not_after = Some(at(NOW + 30 * 86400));
         st[2].cert_serial = Some("C3".into());
-        let d = decide(&s, &masters(), &st, Some("m1"), NOW);
+        let d = run(&s, &st, Some("m1"));
         assert_eq!(d, Decision::Go { node: "m3".into(), revision: format!("{rev}/renew-C3"), why: format!("certificate C3 expires {}", st[2].not_after.clone().unwrap()) });
         // After the renewal the node is done: its spec part matches and the new cert is fresh.
         st[2] = done("m3", &format!("{rev}/renew-C3"));
-        assert_eq!(decide(&s, &masters(), &st, Some("m1"), NOW), Decision::Done);
+        assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
+    }
+
+    #[test]
+    fn a_certificate_capped_by_an_expiring_ca_is_renewed_once_not_in_a_loop() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let ca = NOW + 20 * 86400; // the CA ends inside the renewal window
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        st[0].not_after = Some(at(NOW + 10 * 86400)); // issued before, ends before the CA: due
+        let facts = |st: &[NodeStatus]| decide(&s, &Facts { masters: &masters(), status: st, leader: None, ca_not_after: Some(ca), now: NOW }.clone());
+        let st_owned = st.clone();
+        assert!(matches!(facts(&st_owned), Decision::Go { node, revision, .. } if node == "m1" && revision.contains("/renew-")));
+        // Renewed: the signer capped it at the CA's notAfter. Due again by the window, but not renewed again.
+        st[0] = done("m1", &format!("{rev}/renew-AA"));
+        st[0].not_after = Some(at(ca));
+        for n in &mut st[1..] {
+            n.not_after = Some(at(ca));
+        }
+        assert_eq!(facts(&st), Decision::Done);
+        let msg = ca_expiring(&s, Some(ca), NOW).expect("reported");
+        assert!(msg.contains("cluster CA expires"), "{msg}");
+        assert_eq!(ca_expiring(&s, Some(NOW + 5 * 365 * 86400), NOW), None);
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), NOW);
+        assert!(conds.iter().any(|(t, v, r, _)| *t == "Degraded" && *v && r == "ClusterCAExpiring"), "{conds:?}");
+    }
+
+    #[test]
+    fn ready_counts_only_fresh_healthy_reports() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        st[0].observed_at = Some(at(NOW - STALE_AFTER_SECS - 1));
+        st[1].observed_at = None; // the helper stopped
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        assert_eq!(healthy, 1);
+        assert!(conds.iter().any(|(t, v, _, _)| *t == "Available" && *v));
+        st[2].healthy = false;
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        assert_eq!(healthy, 0);
+        assert!(conds.iter().any(|(t, v, r, _)| *t == "Available" && !*v && r == "NoHealthyMaster"), "{conds:?}");
+    }
+
+    #[test]
+    fn operator_pod_not_placed_is_degraded() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        st[1].operator_pod_error = Some("kubelet has no staticPodPath".into());
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "OperatorPodNotPlaced" && m.contains("m2: kubelet")), "{conds:?}");
+    }
+
+    #[test]
+    fn leader_is_empty_once_the_lease_expired() {
+        let lease = |renewed: i64| k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some("m2_4f1c".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::from_second(renewed).unwrap())),
+            ..Default::default()
+        };
+        assert_eq!(live_leader(Some(&lease(NOW - 5)), NOW), Some("m2".into()));
+        assert_eq!(live_leader(Some(&lease(NOW - 16)), NOW), None);
+        assert_eq!(live_leader(None, NOW), None);
     }
 
     #[test]
     fn paused_does_nothing() {
         let mut s = spec();
         s.paused = true;
-        assert_eq!(decide(&s, &masters(), &[], None, NOW), Decision::Paused);
+        assert_eq!(run(&s, &[], None), Decision::Paused);
     }
 
     #[test]

@@ -1,0 +1,240 @@
+//! Rescue helpers: a master with no running node-helper (its DaemonSet pod absent, or not
+//! Ready for a while) gets a helper pod the operator creates itself, pinned by `nodeName`
+//! from the DaemonSet's own template and labelled [`RESCUE_APP`] (not matched by the
+//! DaemonSet's selector). This is what keeps the product working when no kcm runs: without
+//! kcm there is no DaemonSet controller, and without kube-scheduler DaemonSet pods are
+//! never bound. Once the DaemonSet's own pod is Ready on that master, the rescue pod is
+//! deleted. The two never act at once on a host: the helper takes a host lock first.
+//!
+//! [`plan`] is pure; [`run_once`] lists, creates and deletes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::ResourceExt;
+
+use crate::api::{HELPER_APP, HELPER_DAEMONSET, NAMESPACE, RESCUE_APP};
+
+/// A DaemonSet pod younger than this (seconds) is given time to become Ready before a
+/// rescue pod is made for its master.
+pub const DAEMONSET_POD_GRACE_SECS: i64 = 60;
+/// The ConfigMap kcm's root-ca publisher makes in every namespace; the projected
+/// ServiceAccount volume of every pod needs it. With no kcm, the operator makes it.
+pub const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
+
+/// A helper pod as the plan sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HelperPod {
+    pub name: String,
+    pub node: String,
+    /// A rescue pod (label [`RESCUE_APP`]) rather than the DaemonSet's.
+    pub rescue: bool,
+    pub ready: bool,
+    /// Being deleted, or finished (Succeeded/Failed): it will not act again.
+    pub gone: bool,
+    pub age_secs: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RescueAction {
+    /// Create a rescue pod on this master.
+    Create { node: String },
+    /// Delete this rescue pod (the DaemonSet's pod is Ready there, or it finished).
+    Delete { pod: String, why: String },
+}
+
+/// Name of the rescue pod for `node`: one per master, so a repeated create is a no-op.
+pub fn rescue_pod_name(node: &str) -> String {
+    let name = format!("{HELPER_DAEMONSET}-rescue-{node}");
+    name.chars().take(253).collect()
+}
+
+/// What to create and delete so that every master has exactly one acting helper.
+pub fn plan(masters: &[String], pods: &[HelperPod]) -> Vec<RescueAction> {
+    let mut out = Vec::new();
+    for m in masters {
+        let on = |rescue: bool| pods.iter().filter(move |p| &p.node == m && p.rescue == rescue);
+        let ds_ready = on(false).any(|p| p.ready && !p.gone);
+        let ds_starting = on(false).any(|p| !p.ready && !p.gone && p.age_secs < DAEMONSET_POD_GRACE_SECS);
+        let mut rescue_live = false;
+        for r in on(true) {
+            if r.gone {
+                continue;
+            }
+            if ds_ready {
+                out.push(RescueAction::Delete { pod: r.name.clone(), why: format!("the DaemonSet's helper is Ready on {m}") });
+            } else {
+                rescue_live = true;
+            }
+        }
+        // A finished rescue pod is deleted so a new one can take its (fixed) name.
+        for r in on(true).filter(|r| r.gone && !ds_ready) {
+            out.push(RescueAction::Delete { pod: r.name.clone(), why: format!("finished on {m}") });
+            rescue_live = true;
+        }
+        if !ds_ready && !ds_starting && !rescue_live {
+            out.push(RescueAction::Create { node: m.clone() });
+        }
+    }
+    out
+}
+
+/// The rescue pod for `node`: the DaemonSet's pod template, pinned to the node, with the
+/// rescue label instead of the DaemonSet's.
+pub fn rescue_pod(ds: &DaemonSet, node: &str) -> Option<Pod> {
+    let template = ds.spec.as_ref()?.template.clone();
+    let mut spec = template.spec?;
+    spec.node_name = Some(node.to_string());
+    // Bound by nodeName: no scheduler involved, so no affinity or selector to satisfy.
+    spec.affinity = None;
+    spec.node_selector = None;
+    let mut labels: BTreeMap<String, String> = template.metadata.and_then(|m| m.labels).unwrap_or_default();
+    labels.insert("app.kubernetes.io/name".into(), RESCUE_APP.into());
+    labels.insert(crate::api::CSR_NODE_LABEL.into(), node.to_string());
+    Some(Pod { metadata: ObjectMeta { name: Some(rescue_pod_name(node)), namespace: Some(NAMESPACE.into()), labels: Some(labels), ..Default::default() }, spec: Some(spec), status: None })
+}
+
+fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
+    let labels = p.labels();
+    let app = labels.get("app.kubernetes.io/name")?;
+    let rescue = match app.as_str() {
+        HELPER_APP => false,
+        RESCUE_APP => true,
+        _ => return None,
+    };
+    let node = p.spec.as_ref()?.node_name.clone()?;
+    let status = p.status.clone().unwrap_or_default();
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed"));
+    let created = p.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0.as_second());
+    Some(HelperPod { name: p.name_any(), node, rescue, ready, gone: finished || p.metadata.deletion_timestamp.is_some(), age_secs: now - created })
+}
+
+/// One round: lists the helper pods, and creates or deletes rescue pods per [`plan`].
+/// Returns what it did, for the caller's log and Events.
+pub async fn run_once(client: &kube::Client, masters: &[String], ca_pem: Option<&str>, now: i64) -> Result<Vec<String>, kube::Error> {
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let listed = pods_api.list(&ListParams::default().labels(&format!("app.kubernetes.io/name in ({HELPER_APP},{RESCUE_APP})"))).await?;
+    let pods: Vec<HelperPod> = listed.items.iter().filter_map(|p| helper_pod(p, now)).collect();
+    let actions = plan(masters, &pods);
+    let mut done = Vec::new();
+    if actions.is_empty() {
+        return Ok(done);
+    }
+    let mut ds = None;
+    for a in actions {
+        match a {
+            RescueAction::Create { node } => {
+                if ds.is_none() {
+                    ds = Api::<DaemonSet>::namespaced(client.clone(), NAMESPACE).get_opt(HELPER_DAEMONSET).await?;
+                    if let Some(ca) = ca_pem {
+                        ensure_root_ca(client, ca).await?;
+                    }
+                }
+                let Some(pod) = ds.as_ref().and_then(|d| rescue_pod(d, &node)) else {
+                    done.push(format!("{node}: no helper runs, and DaemonSet {NAMESPACE}/{HELPER_DAEMONSET} is missing: cannot make a rescue pod"));
+                    break;
+                };
+                match pods_api.create(&PostParams::default(), &pod).await {
+                    Ok(_) => done.push(format!("{node}: no helper runs there: created rescue pod {}", pod.name_any())),
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            RescueAction::Delete { pod, why } => match pods_api.delete(&pod, &DeleteParams::default()).await {
+                Ok(_) => done.push(format!("deleted rescue pod {pod}: {why}")),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Ok(done)
+}
+
+/// Makes `kube-root-ca.crt` in the operator's namespace when it is missing (kcm's root-ca
+/// publisher makes it; with no kcm nothing does, and no pod with a ServiceAccount token
+/// volume can start). kcm takes it over once it runs.
+pub async fn ensure_root_ca(client: &kube::Client, ca_pem: &str) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
+    if api.get_opt(ROOT_CA_CONFIGMAP).await?.is_some() {
+        return Ok(());
+    }
+    let cm = ConfigMap {
+        metadata: ObjectMeta { name: Some(ROOT_CA_CONFIGMAP.into()), namespace: Some(NAMESPACE.into()), ..Default::default() },
+        data: Some([("ca.crt".to_string(), ca_pem.to_string())].into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &cm).await {
+        Ok(_) => {
+            tracing::info!("created ConfigMap {NAMESPACE}/{ROOT_CA_CONFIGMAP} (no kcm has published it)");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masters() -> Vec<String> {
+        vec!["m1".into(), "m2".into(), "m3".into()]
+    }
+    fn pod(name: &str, node: &str, rescue: bool, ready: bool, age: i64) -> HelperPod {
+        HelperPod { name: name.into(), node: node.into(), rescue, ready, gone: false, age_secs: age }
+    }
+
+    #[test]
+    fn masters_without_helpers_get_rescue_pods() {
+        let pods = vec![pod("ds-1", "m1", false, true, 600)];
+        assert_eq!(plan(&masters(), &pods), vec![RescueAction::Create { node: "m2".into() }, RescueAction::Create { node: "m3".into() }]);
+    }
+
+    #[test]
+    fn a_starting_daemonset_pod_is_given_time() {
+        let pods = vec![pod("ds-1", "m1", false, true, 600), pod("ds-2", "m2", false, false, 5), pod("ds-3", "m3", false, false, 600)];
+        assert_eq!(plan(&masters(), &pods), vec![RescueAction::Create { node: "m3".into() }]);
+    }
+
+    #[test]
+    fn rescue_pod_goes_once_the_daemonset_pod_is_ready() {
+        let pods = vec![
+            pod("ds-1", "m1", false, true, 600),
+            pod("ds-2", "m2", false, true, 600),
+            pod("ds-3", "m3", false, true, 10),
+            pod("rescue-m3", "m3", true, true, 300),
+        ];
+        assert_eq!(plan(&masters(), &pods), vec![RescueAction::Delete { pod: "rescue-m3".into(), why: "the DaemonSet's helper is Ready on m3".into() }]);
+    }
+
+    #[test]
+    fn one_rescue_pod_per_master_and_a_finished_one_is_replaced() {
+        let pods = vec![pod("ds-1", "m1", false, true, 600), pod("ds-2", "m2", false, true, 600), pod("rescue-m3", "m3", true, false, 30)];
+        assert!(plan(&masters(), &pods).is_empty(), "a live rescue pod is enough");
+        let mut finished = pods.clone();
+        finished[2].gone = true;
+        assert_eq!(plan(&masters(), &finished), vec![RescueAction::Delete { pod: "rescue-m3".into(), why: "finished on m3".into() }]);
+    }
+
+    #[test]
+    fn rescue_pod_is_the_daemonset_template_pinned_and_relabelled() {
+        let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": HELPER_DAEMONSET, "namespace": NAMESPACE},
+            "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": HELPER_APP}},
+                     "template": {"metadata": {"labels": {"app.kubernetes.io/name": HELPER_APP}},
+                                  "spec": {"serviceAccountName": "kcm-node-helper", "nodeSelector": {"x": "y"},
+                                           "containers": [{"name": "node-helper", "image": "img:1"}]}}}
+        }))
+        .unwrap();
+        let p = rescue_pod(&ds, "m2").unwrap();
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("m2"));
+        assert_eq!(spec.node_selector, None);
+        assert_eq!(spec.containers[0].image.as_deref(), Some("img:1"));
+        assert_eq!(p.metadata.labels.unwrap()["app.kubernetes.io/name"], RESCUE_APP, "not matched by the DaemonSet's selector");
+        assert_eq!(p.metadata.name.as_deref(), Some("kcm-node-helper-rescue-m2"));
+    }
+}
