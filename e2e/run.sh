@@ -55,25 +55,23 @@ api_tier() {
   cargo test -p e2e --test api_tier --test install --test manifests -- --test-threads 2
 }
 
-# Static binaries (glibc, crt-static) in FROM-scratch images: nothing is pulled.
+# Static binaries (glibc, crt-static) in one FROM-scratch image: /kcm-operator and
+# /node-helper. The helper places the operator's static pod with its own image.
+IMAGE=kcm-operator/kcm-operator:dev
 build_images() {
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-static" \
     cargo build --release --target "$STATIC_TARGET" -p kcm-operator -p node-helper || return 1
   local out="$KCM_CACHE/cargo-target-static/$STATIC_TARGET/release" ctx
-  for bin in kcm-operator node-helper; do
-    ctx=$(mktemp -d)
-    cp "$out/$bin" "$ctx/$bin" || return 1
-    printf 'FROM scratch\nCOPY %s /%s\nENTRYPOINT ["/%s"]\n' "$bin" "$bin" "$bin" >"$ctx/Dockerfile"
-    local tag="kcm-operator/${bin#kcm-}:dev"
-    [ "$bin" = kcm-operator ] && tag=kcm-operator/operator:dev
-    DOCKER_BUILDKIT=0 docker build -q -t "$tag" "$ctx" >/dev/null || return 1
-    rm -rf "$ctx"
-    log "built image $tag"
-  done
+  ctx=$(mktemp -d)
+  cp "$out/kcm-operator" "$out/node-helper" "$ctx/" || return 1
+  printf 'FROM scratch\nCOPY kcm-operator node-helper /\nENTRYPOINT ["/kcm-operator"]\n' >"$ctx/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" "$ctx" >/dev/null || return 1
+  rm -rf "$ctx"
+  log "built image $IMAGE"
 }
 
 load_images() {
-  bash "$TESTBED" load-image kcm-operator/operator:dev kcm-operator/node-helper:dev
+  bash "$TESTBED" load-image "$IMAGE"
 }
 
 cluster_up() { bash "$TESTBED" up; }
@@ -83,7 +81,7 @@ kind_e2e() {
   # One file at a time, in this order: each leaves the cluster as the next expects it.
   local t
   # (`step` runs this in an `if`, where `set -e` does not apply: every failure returns.)
-  for t in testbed kind_ha kind_operator; do
+  for t in testbed kind_ha kind_operator kind_rescue kind_bootstrap; do
     cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture || return 1
   done
 }

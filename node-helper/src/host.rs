@@ -108,6 +108,16 @@ impl HostFs {
     /// the current file kept as `<name>.prev`, rename, fsync the directory. Parent
     /// directories are created 0755. Returns whether the content changed.
     pub fn write_atomic(&self, hp: &HostPath, contents: &[u8], mode: u32) -> Result<bool> {
+        self.write_atomic_keeping(hp, contents, mode, true)
+    }
+
+    /// [`Self::write_atomic`] without keeping `<name>.prev`: for a directory whose every
+    /// file is read (the kubelet's static pod directory would run a `.prev` as a pod).
+    pub fn write_atomic_no_prev(&self, hp: &HostPath, contents: &[u8], mode: u32) -> Result<bool> {
+        self.write_atomic_keeping(hp, contents, mode, false)
+    }
+
+    fn write_atomic_keeping(&self, hp: &HostPath, contents: &[u8], mode: u32, keep_prev: bool) -> Result<bool> {
         self.check_real(hp)?;
         let dir = hp.local.parent().expect("absolute path has a parent");
         if !dir.exists() {
@@ -129,7 +139,7 @@ impl HostFs {
             f.write_all(contents).map_err(io("write", &tmp))?;
             f.sync_all().map_err(io("fsync", &tmp))?;
         }
-        if hp.local.exists() {
+        if keep_prev && hp.local.exists() {
             let prev = dir.join(format!("{file_name}.prev"));
             // A hard link keeps the old inode reachable; the rename below stays atomic.
             let _ = fs::remove_file(&prev);

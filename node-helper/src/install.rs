@@ -222,7 +222,10 @@ fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) ->
         kcm_operator::api::KeyAlgorithm::Rsa2048 => key.algorithm() == &rcgen::PKCS_RSA_SHA256,
         kcm_operator::api::KeyAlgorithm::EcdsaP256 => key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256,
     };
-    Ok((cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
+    // An expired certificate (or one about to expire) is never reused: a repair renews it.
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let live = cert.not_after > now + 60;
+    Ok((live && cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
 }
 
 /// Writes key, cert, kubeconfig and unit. With `renew`, or when the host has no usable

@@ -1,6 +1,9 @@
 //! node-helper: the privileged agent on each master that installs kube-controller-manager.
+pub mod drift;
 pub mod host;
 pub mod install;
+pub mod kubelet;
+pub mod lock;
 pub mod probe;
 pub mod step;
 pub mod systemd;

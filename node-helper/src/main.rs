@@ -13,7 +13,7 @@ use node_helper::host::HostFs;
 use node_helper::install;
 use node_helper::step::{Node, Report};
 use node_helper::systemd::HostSystemd;
-use kcm_operator::api::HELPER_MANAGER_PREFIX;
+use kcm_operator::api::{HELPER_MANAGER_PREFIX, OPERATOR_MANIFEST, REPORT_PERIOD_SECS};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Installs kube-controller-manager on this master")]
@@ -106,17 +106,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Run { node, csr_wait, interval } => {
             let client = kube::Client::try_default().await.context("building Kubernetes client")?;
-            let host = HostFs::new(node.host_root, node.allowed_roots);
-            tracing::info!(node = %node.node_name, "node-helper running");
+            let host = HostFs::new(node.host_root.clone(), node.allowed_roots);
+            // SIGTERM (pod deleted, DaemonSet updated) is taken between two looks, never
+            // in the middle of a step: the step finishes or rolls back first.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+            let _lock = loop {
+                match node_helper::lock::try_lock(&node.host_root)? {
+                    Some(l) => break l,
+                    None => tracing::info!(node = %node.node_name, "another helper acts on this master (host lock {} held): waiting", node_helper::lock::LOCK_PATH),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            };
+            tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
+            let mut helper = Helper { client, host, node_name: node.node_name, csr_wait: Duration::from_secs(csr_wait), image: None, last: None };
             loop {
-                if let Err(e) = tick(&client, &host, &node.node_name, csr_wait).await {
+                if let Err(e) = helper.tick().await {
                     tracing::error!("{e:#}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = term.recv() => break,
+                    _ = tokio::signal::ctrl_c() => break,
                 }
             }
+            helper.stopping().await;
         }
     }
     Ok(())
@@ -143,50 +160,143 @@ async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr
     Ok(())
 }
 
-/// One look: apply the operator's target revision for this node if it is new, otherwise
-/// report the unit's state when it changed.
-async fn tick(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u64) -> anyhow::Result<()> {
-    let api = kube::Api::<KubeControllerManager>::all(client.clone());
-    let kcm = api.get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
-    let me = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).cloned().unwrap_or_default();
-    let spec = &kcm.spec;
-    let unit = std::path::Path::new(&spec.paths.unit).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service").to_string();
-    let systemd = HostSystemd::new(unit);
-    let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: Duration::from_secs(csr_wait) };
-    let keep = Report {
-        applied_revision: me.applied_revision.clone(),
-        failed_revision: me.failed_revision.clone(),
-        cert_serial: me.cert_serial.clone(),
-        not_after: me.not_after.clone(),
-        kcm_version: me.kcm_version.clone(),
-        unit_active: me.unit_active,
-        healthy: me.healthy,
-        warnings: me.warnings.clone(),
-        message: me.message.clone(),
-    };
-    let report = match me.target_revision.as_deref() {
-        Some(target) if !spec.paused && Some(target) != me.applied_revision.as_deref() && Some(target) != me.failed_revision.as_deref() => {
-            tracing::info!(node = node_name, target, "applying revision");
-            match step.apply(spec, target, me.cert_serial.as_deref()).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(node = node_name, target, "step failed: {e}");
-                    let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
-                    Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} failed, node left as it was: {e}")), unit_active, healthy, ..keep }
+/// The run loop's state on this master.
+struct Helper {
+    client: kube::Client,
+    host: HostFs,
+    node_name: String,
+    csr_wait: Duration,
+    /// This helper's own image (read once from its Pod): the operator's static pod runs it.
+    image: Option<String>,
+    /// The last report sent, and when (unix seconds).
+    last: Option<(i64, Report)>,
+}
+
+impl Helper {
+    /// One look: place the operator's static pod, apply the operator's target revision for
+    /// this node if it is new, otherwise observe the unit and the files; report when
+    /// anything changed, and at least every report period.
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let api = kube::Api::<KubeControllerManager>::all(self.client.clone());
+        let kcm = api.get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
+        let node_name_owned = self.node_name.clone();
+        let node_name = node_name_owned.as_str();
+        let me = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).cloned().unwrap_or_default();
+        let spec = &kcm.spec;
+        let operator_pod_error = self.place_operator_pod(spec).await.err();
+        if let Some(e) = &operator_pod_error {
+            tracing::warn!(node = node_name, "operator static pod not placed: {e}");
+        }
+        let unit = std::path::Path::new(&spec.paths.unit).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service").to_string();
+        let systemd = HostSystemd::new(unit);
+        let (client, host) = (&self.client, &self.host);
+        let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: self.csr_wait };
+        let keep = Report {
+            applied_revision: me.applied_revision.clone(),
+            failed_revision: me.failed_revision.clone(),
+            cert_serial: me.cert_serial.clone(),
+            not_after: me.not_after.clone(),
+            kcm_version: me.kcm_version.clone(),
+            unit_active: me.unit_active,
+            healthy: me.healthy,
+            warnings: me.warnings.clone(),
+            message: me.message.clone(),
+            observed_at: None,
+            file_hashes: me.file_hashes.clone(),
+            drift: Vec::new(),
+            operator_pod_error: None,
+        };
+        let mut report = match me.target_revision.as_deref() {
+            Some(target) if !spec.paused && Some(target) != me.applied_revision.as_deref() && Some(target) != me.failed_revision.as_deref() => {
+                tracing::info!(node = node_name, target, "applying revision");
+                match step.apply(spec, target, me.cert_serial.as_deref()).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(node = node_name, target, "step failed: {e}");
+                        let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
+                        Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} failed, node left as it was: {e}")), unit_active, healthy, ..keep }
+                    }
                 }
             }
-        }
-        _ => {
-            let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
-            if unit_active == me.unit_active && healthy == me.healthy && kcm.status.as_ref().is_some_and(|s| s.nodes.iter().any(|n| n.name == node_name)) {
-                return Ok(());
+            _ => {
+                let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
+                Report { unit_active, healthy, ..keep }
             }
-            Report { unit_active, healthy, ..keep }
+        };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        // Files of ours with no recorded hashes (a helper from before hashes were kept):
+        // what is there now is the baseline.
+        if report.file_hashes.is_empty() && report.applied_revision.is_some() {
+            report.file_hashes = node_helper::drift::hashes(&[&spec.paths.key, &spec.paths.cert, &spec.paths.kubeconfig, &spec.paths.unit], |p| read_host(host, p));
         }
+        report.drift = node_helper::drift::check(&report.file_hashes, &spec.paths.cert, |p| read_host(host, p), now.as_second());
+        report.operator_pod_error = operator_pod_error;
+        let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS)
+            || !kcm.status.as_ref().is_some_and(|s| s.nodes.iter().any(|n| n.name == node_name && n.observed_at.is_some()));
+        if !due {
+            return Ok(());
+        }
+        if !report.drift.is_empty() {
+            tracing::warn!(node = node_name, drift = ?report.drift, "files differ from what the helper wrote");
+        }
+        let mut sent = report.clone();
+        sent.observed_at = Some(now.to_string());
+        let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{node_name}")).force();
+        api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(sent.apply_body(node_name))).await.context("reporting on the KubeControllerManager status")?;
+        self.last = Some((now.as_second(), report));
+        Ok(())
+    }
+
+    /// The last report of a stopping helper: the same, without `observedAt`, so the master
+    /// counts as unknown at once instead of healthy until the report goes stale.
+    async fn stopping(&self) {
+        let Some((_, last)) = &self.last else { return };
+        let api = kube::Api::<KubeControllerManager>::all(self.client.clone());
+        let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{}", self.node_name)).force();
+        match api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(last.apply_body(&self.node_name))).await {
+            Ok(_) => tracing::info!(node = %self.node_name, "stopping: report withdrawn"),
+            Err(e) => tracing::warn!(node = %self.node_name, "stopping: withdrawing the report: {e}"),
+        }
+    }
+
+    /// Writes the operator's static pod manifest into the kubelet's static pod directory,
+    /// with this helper's own image, when it differs. `Err`: why it is not placed.
+    async fn place_operator_pod(&mut self, spec: &kcm_operator::api::KubeControllerManagerSpec) -> Result<(), String> {
+        let dir = node_helper::kubelet::static_pod_dir(self.host.root())?;
+        for (name, path) in [("caCert", &spec.paths.ca_cert), ("caKey", &spec.paths.ca_key)] {
+            let hp = self.host.resolve(name, path).map_err(|e| e.to_string())?;
+            if !hp.local.is_file() {
+                return Err(format!("paths.{name} {path} does not exist on this master"));
+            }
+        }
+        if self.image.is_none() {
+            self.image = Some(own_image(&self.client).await?);
+        }
+        let image = self.image.as_deref().expect("set above");
+        let manifest = kcm_operator::staticpod::operator_pod(spec, image);
+        let target = format!("{}/{OPERATOR_MANIFEST}", dir.trim_end_matches('/'));
+        let hp = self.host.resolve("operatorStaticPod", &target).map_err(|e| e.to_string())?;
+        if self.host.write_atomic_no_prev(&hp, manifest.as_bytes(), 0o600).map_err(|e| e.to_string())? {
+            tracing::info!(node = %self.node_name, path = %target, image, "placed the operator's static pod");
+        }
+        Ok(())
+    }
+}
+
+/// A host file's bytes (`None` when missing or outside the allowed paths).
+fn read_host(host: &HostFs, path: &str) -> Option<Vec<u8>> {
+    host.resolve("file", path).ok().and_then(|hp| host.read_optional(&hp).ok().flatten())
+}
+
+/// The image of this helper's own container (Pod from `POD_NAMESPACE`/`POD_NAME`).
+async fn own_image(client: &kube::Client) -> Result<String, String> {
+    let (Ok(ns), Ok(name)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) else {
+        return Err("POD_NAMESPACE and POD_NAME are not set: cannot tell this helper's image".into());
     };
-    let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{node_name}")).force();
-    api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(report.apply_body(node_name))).await.context("reporting on the KubeControllerManager status")?;
-    Ok(())
+    let pod = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns).get(&name).await.map_err(|e| format!("reading this helper's pod {ns}/{name}: {e}"))?;
+    pod.spec
+        .and_then(|s| s.containers.into_iter().find(|c| c.name == "node-helper").and_then(|c| c.image))
+        .ok_or_else(|| format!("pod {ns}/{name} has no container node-helper with an image"))
 }
 
 async fn observe(client: &kube::Client, host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeControllerManagerSpec, node_name: &str) -> (bool, bool) {

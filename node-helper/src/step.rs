@@ -41,7 +41,7 @@ pub fn adopted_path(spec: &KubeControllerManagerSpec) -> Option<String> {
 }
 
 /// What the helper reports on its node's status entry.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {
     pub applied_revision: Option<String>,
     pub failed_revision: Option<String>,
@@ -52,12 +52,21 @@ pub struct Report {
     pub healthy: bool,
     pub warnings: Vec<String>,
     pub message: Option<String>,
+    /// When the helper looked (RFC 3339); `None` in the last report of a stopping helper.
+    pub observed_at: Option<String>,
+    /// SHA-256 of each file the helper wrote, by host path.
+    pub file_hashes: std::collections::BTreeMap<String, String>,
+    /// Files that differ from what the helper wrote.
+    pub drift: Vec<String>,
+    /// Why the operator's static pod is not placed here.
+    pub operator_pod_error: Option<String>,
 }
 
 impl Report {
     /// The server-side apply body for `status.nodes[name=node]`, owned by this node's helper.
     pub fn apply_body(&self, node: &str) -> serde_json::Value {
-        let mut entry = json!({"name": node, "unitActive": self.unit_active, "healthy": self.healthy, "warnings": self.warnings});
+        let mut entry = json!({"name": node, "unitActive": self.unit_active, "healthy": self.healthy, "warnings": self.warnings,
+            "fileHashes": self.file_hashes, "drift": self.drift});
         let e = entry.as_object_mut().expect("object");
         for (k, v) in [
             ("appliedRevision", &self.applied_revision),
@@ -66,6 +75,8 @@ impl Report {
             ("notAfter", &self.not_after),
             ("kcmVersion", &self.kcm_version),
             ("message", &self.message),
+            ("observedAt", &self.observed_at),
+            ("operatorPodError", &self.operator_pod_error),
         ] {
             if let Some(v) = v {
                 e.insert(k.into(), json!(v));
@@ -112,7 +123,10 @@ impl Node<'_> {
                 return Err(e);
             }
         };
+        // A repair always restarts: the kcm it replaces is unhealthy or runs drifted files.
+        let repair = kcm_operator::rollout::repair_given_at(revision).is_some();
         let needs_restart = adopted
+            || repair
             || !unit_before.is_active()
             || installed.changed.iter().any(|p| *p == spec.paths.unit || *p == spec.paths.kubeconfig)
             || (installed.new_cert && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
@@ -125,6 +139,7 @@ impl Node<'_> {
         .await;
         match result {
             Ok(()) => Ok(Report {
+                file_hashes: self.written_hashes(&prepared),
                 applied_revision: Some(revision.into()),
                 cert_serial: Some(installed.cert.serial_hex.clone()),
                 not_after: Some(rfc3339(installed.cert.not_after)),
@@ -261,6 +276,12 @@ impl Node<'_> {
                 }
             }
         }
+    }
+
+    /// SHA-256 of the files a step writes (key, cert, kubeconfig, unit), as they are now.
+    pub fn written_hashes(&self, p: &Prepared) -> std::collections::BTreeMap<String, String> {
+        let paths = [&p.paths.key, &p.paths.cert, &p.paths.kubeconfig, &p.paths.unit];
+        paths.iter().filter_map(|hp| self.host.read_optional(hp).ok().flatten().map(|b| (hp.host.display().to_string(), crate::drift::sha256_hex(&b)))).collect()
     }
 
     /// The unit's state and health as they are, for reports between steps.

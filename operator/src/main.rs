@@ -59,6 +59,22 @@ struct Args {
     /// Log format: plain or json.
     #[arg(long, env = "KCM_LOG_FORMAT", default_value = "plain")]
     log_format: String,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Print the operator's static pod manifest for a KubeControllerManager (the file to put
+    /// in the kubelet's static pod directory of every master when no kcm runs yet); writes nothing.
+    StaticPod {
+        /// The KubeControllerManager as YAML (its paths.caCert and paths.caKey are mounted).
+        #[arg(long)]
+        cr: std::path::PathBuf,
+        /// The image holding /kcm-operator (the same image as the node-helper DaemonSet's).
+        #[arg(long)]
+        image: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -85,6 +101,12 @@ enum End {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     kcm_operator::logging::init(&args.log_format);
+    if let Some(Cmd::StaticPod { cr, image }) = &args.cmd {
+        let text = std::fs::read_to_string(cr).with_context(|| format!("reading {}", cr.display()))?;
+        let kcm: kcm_operator::api::KubeControllerManager = serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KubeControllerManager", cr.display()))?;
+        print!("{}", kcm_operator::staticpod::operator_pod(&kcm.spec, image));
+        return Ok(());
+    }
     let mut signer = SignerConfig::new(&args.ca_cert, &args.ca_key);
     signer.helper_namespace = args.helper_namespace.clone();
     let election = args.elect.then(|| ElectionConfig::new(args.lease_identity.clone().unwrap_or_else(election::default_identity)));
