@@ -104,7 +104,12 @@ fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
         RESCUE_APP => true,
         _ => return None,
     };
-    let node = p.spec.as_ref()?.node_name.clone()?;
+    let spec = p.spec.as_ref()?;
+    // A DaemonSet pod not bound yet names its node in its required node affinity.
+    let node = spec.node_name.clone().or_else(|| {
+        let terms = &spec.affinity.as_ref()?.node_affinity.as_ref()?.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
+        terms.iter().flat_map(|t| t.match_fields.iter().flatten()).find(|f| f.key == "metadata.name" && f.operator == "In").and_then(|f| f.values.as_ref()?.first().cloned())
+    })?;
     let status = p.status.clone().unwrap_or_default();
     let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
     let finished = matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed"));
@@ -217,6 +222,19 @@ mod tests {
         let mut finished = pods.clone();
         finished[2].gone = true;
         assert_eq!(plan(&masters(), &finished), vec![RescueAction::Delete { pod: "rescue-m3".into(), why: "finished on m3".into() }]);
+    }
+
+    #[test]
+    fn an_unbound_daemonset_pod_counts_for_the_node_its_affinity_names() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ds-x", "labels": {"app.kubernetes.io/name": HELPER_APP}, "creationTimestamp": "2027-01-15T08:00:00Z"},
+            "spec": {"containers": [], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["m2"]}]}]}}}},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap();
+        let h = helper_pod(&p, 1_800_000_010).unwrap();
+        assert_eq!((h.node.as_str(), h.rescue, h.ready, h.gone), ("m2", false, false, false));
     }
 
     #[test]
