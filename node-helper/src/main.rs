@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
-            let mut helper = Helper { client, host, node_name: node.node_name, csr_wait: Duration::from_secs(csr_wait), image: None, last: None };
+            let mut helper = Helper { client, host, node_name: node.node_name, csr_wait: Duration::from_secs(csr_wait), image: None, last: None, failed_probes: 0 };
             loop {
                 if let Err(e) = helper.tick().await {
                     tracing::error!("{e:#}");
@@ -170,7 +170,12 @@ struct Helper {
     image: Option<String>,
     /// The last report sent, and when (unix seconds).
     last: Option<(i64, Report)>,
+    /// Failed health probes in a row.
+    failed_probes: u32,
 }
+
+/// A kcm that was healthy is reported unhealthy after this many failed probes in a row.
+const UNHEALTHY_AFTER_PROBES: u32 = 2;
 
 impl Helper {
     /// One look: place the operator's static pod, apply the operator's target revision for
@@ -219,7 +224,11 @@ impl Helper {
                 }
             }
             _ => {
-                let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
+                let (unit_active, probed) = observe(client, host, &step, spec, node_name).await;
+                // One failed probe of a kcm that was healthy is not yet "unhealthy" (that
+                // would earn it a repair): two in a row are.
+                self.failed_probes = if probed { 0 } else { self.failed_probes + 1 };
+                let healthy = probed || (me.healthy && unit_active && self.failed_probes < UNHEALTHY_AFTER_PROBES);
                 Report { unit_active, healthy, ..keep }
             }
         };

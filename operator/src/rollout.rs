@@ -150,11 +150,12 @@ pub struct Facts<'a> {
 /// Decides the next step.
 ///
 /// - One step at a time: while a master applies its target, wait.
-/// - Repair first: a master that runs our kcm and whose fresh report shows a problem
+/// - A spec revision that failed and was rolled back stops the rollout (repairs too: they
+///   would apply the same spec) until the spec changes.
+/// - Then repair: a master that runs our kcm and whose fresh report shows a problem
 ///   (unhealthy, drift, expired certificate) gets a repair step, one at a time, the one
 ///   with the fewest problems first (closest to healthy), the kcm leader's master last.
 ///   A failed repair is retried after a backoff. Healthy masters are not touched meanwhile.
-/// - A spec revision that failed and was rolled back stops the rollout until the spec changes.
 /// - Otherwise spec changes and due renewals, the leader's master last, and only while every
 ///   other master that runs our kcm is healthy and reports (a healthy master is never taken
 ///   down while another is unhealthy or unknown).
@@ -172,6 +173,16 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         if let Some(t) = n.target_revision.as_deref() {
             if n.applied_revision.as_deref() != Some(t) && n.failed_revision.as_deref() != Some(t) {
                 return Decision::Wait { node: n.name.clone(), why: format!("applying {t}") };
+            }
+        }
+    }
+
+    // The spec's revision failed on a master and was rolled back: it is known bad, so no
+    // master gets it, not even as a repair, until the spec changes.
+    for n in &nodes {
+        if let Some(t) = n.target_revision.as_deref() {
+            if n.failed_revision.as_deref() == Some(t) && spec_part(t) == rev && repair_given_at(t).is_none() {
+                return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
             }
         }
     }
@@ -196,13 +207,6 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         return Decision::Backoff { node, reason };
     }
 
-    for n in &nodes {
-        if let Some(t) = n.target_revision.as_deref() {
-            if n.failed_revision.as_deref() == Some(t) && spec_part(t) == rev && repair_given_at(t).is_none() {
-                return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
-            }
-        }
-    }
     let mut todo: Vec<(&NodeStatus, String, String)> =
         nodes.iter().filter(|n| fresh(n, now)).filter_map(|n| wanted(spec, &rev, n, f.ca_not_after, now).map(|(r, why)| (n, r, why))).collect();
     // The leader's node goes last; otherwise by name, for a predictable order.
@@ -581,6 +585,10 @@ mod tests {
         m2.message = Some("healthz never came".into());
         let st = vec![reported("m1"), m2.clone(), reported("m3")];
         assert_eq!(run(&s, &st, None), Decision::Stop { node: "m2".into(), reason: "healthz never came".into() });
+        // Rolled back but not healthy yet: still a stop, not a repair with the bad spec.
+        let mut st2 = st.clone();
+        st2[1].healthy = false;
+        assert!(matches!(run(&s, &st2, None), Decision::Stop { .. }));
         let mut changed = s.clone();
         changed.kcm.verbosity = 3;
         assert!(matches!(run(&changed, &st, None), Decision::Go { .. }));
