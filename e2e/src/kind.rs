@@ -4,6 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kcm_operator::api::{KubeControllerManager, KubeControllerManagerStatus, NodeStatus, CONTROL_PLANE_LABEL, STALE_AFTER_SECS};
+use kube::api::{Api, ListParams};
+
 use crate::apitier::k8s_bin;
 
 /// `$KCM_STATE/kubeconfig` (default `/var/tmp/kcm-e2e/kubeconfig`).
@@ -49,6 +55,16 @@ pub fn diagnostics() -> String {
     ] {
         s.push_str(&format!("$ kubectl {}\n{}\n", args.join(" "), kubectl(args).1));
     }
+    for args in [
+        &["-n", "kcm-operator", "get", "ds,lease", "-o", "wide"][..],
+        &["-n", "kube-system", "get", "lease", "kube-controller-manager", "-o", "jsonpath={.spec}"][..],
+    ] {
+        s.push_str(&format!("$ kubectl {}\n{}\n", args.join(" "), kubectl(args).1));
+    }
+    for n in node_containers() {
+        let (_, out) = on_node(&n, "systemctl is-active kube-controller-manager; pgrep -a -x kube-controller-manager | cut -c1-120; ls /etc/kubernetes/manifests");
+        s.push_str(&format!("$ {n}: unit, processes, static pod manifests\n{out}\n"));
+    }
     s
 }
 
@@ -64,4 +80,190 @@ pub fn apply_kustomization(dir: &str) -> (bool, String) {
         return (ok, out);
     }
     kubectl(&["apply", "-k", dir])
+}
+
+// ---------------------------------------------------------------- shared by the kind tests
+
+
+/// The control-plane nodes (kind's node containers have the same names), sorted.
+pub async fn masters(c: &kube::Client) -> Vec<String> {
+    let nodes = Api::<Node>::all(c.clone()).list(&ListParams::default().labels(CONTROL_PLANE_LABEL)).await.expect("listing nodes");
+    let mut m: Vec<String> = nodes.items.into_iter().filter_map(|n| n.metadata.name).collect();
+    m.sort();
+    m
+}
+
+/// The CR and its status, when the CR exists.
+pub async fn cr(c: &kube::Client) -> Option<(KubeControllerManager, KubeControllerManagerStatus)> {
+    let k = Api::<KubeControllerManager>::all(c.clone()).get_opt(kcm_operator::approver::CR_NAME).await.ok()??;
+    let s = k.status.clone().unwrap_or_default();
+    Some((k, s))
+}
+
+/// Seconds since the epoch, with milliseconds.
+pub fn now_secs() -> f64 {
+    Timestamp::now().as_millisecond() as f64 / 1000.0
+}
+
+/// An RFC 3339 time as seconds since the epoch.
+pub fn rfc3339_secs(s: &str) -> Option<f64> {
+    s.parse::<Timestamp>().ok().map(|t| t.as_millisecond() as f64 / 1000.0)
+}
+
+/// When the node's helper last looked (`observedAt`), as seconds since the epoch.
+pub fn observed_at(n: &NodeStatus) -> Option<f64> {
+    n.observed_at.as_deref().and_then(rfc3339_secs)
+}
+
+/// A report the operator may count: observed within [`STALE_AFTER_SECS`] of `now`.
+pub fn report_fresh(n: &NodeStatus, now: f64) -> bool {
+    observed_at(n).is_some_and(|t| now - t <= STALE_AFTER_SECS as f64)
+}
+
+/// `status.ready` ("h/n") as (h, n).
+pub fn ready_counts(s: &KubeControllerManagerStatus) -> Option<(usize, usize)> {
+    let (h, n) = s.ready.as_deref()?.split_once('/')?;
+    Some((h.trim().parse().ok()?, n.trim().parse().ok()?))
+}
+
+/// A Lease as the status rules read it.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseView {
+    /// Full holder identity (`<node>_<random>`); None when empty.
+    pub holder: Option<String>,
+    /// renewTime + leaseDurationSeconds, seconds since the epoch.
+    pub expires_at: Option<f64>,
+}
+
+impl LeaseView {
+    /// The master the holder identity names.
+    pub fn node(&self) -> Option<String> {
+        kcm_operator::rollout::leader_node(self.holder.as_deref())
+    }
+    /// How long ago the Lease expired at `now` (negative: still valid for that long). A Lease
+    /// with no holder or no renewTime counts as expired long ago.
+    pub fn expired_by(&self, now: f64) -> f64 {
+        match (&self.holder, self.expires_at) {
+            (Some(_), Some(e)) => now - e,
+            (None, Some(e)) => (now - e).max(0.0),
+            _ => f64::INFINITY,
+        }
+    }
+    pub fn live(&self, now: f64) -> bool {
+        self.holder.is_some() && self.expired_by(now) < 0.0
+    }
+}
+
+/// Lease `ns/name`, or None when it cannot be read.
+pub async fn lease(c: &kube::Client, ns: &str, name: &str) -> Option<LeaseView> {
+    let l = Api::<Lease>::namespaced(c.clone(), ns).get_opt(name).await.ok()??;
+    let spec = l.spec.unwrap_or_default();
+    let expires_at = spec.renew_time.as_ref().map(|t| t.0.as_millisecond() as f64 / 1000.0 + spec.lease_duration_seconds.unwrap_or(0) as f64);
+    Some(LeaseView { holder: spec.holder_identity.filter(|h| !h.is_empty()), expires_at })
+}
+
+/// kcm's own Lease (kube-system/kube-controller-manager).
+pub async fn kcm_lease(c: &kube::Client) -> Option<LeaseView> {
+    let (ns, name) = kcm_operator::api::KCM_LEASE;
+    lease(c, ns, name).await
+}
+
+/// The operator's Lease (kcm-operator/kcm-operator).
+pub async fn operator_lease(c: &kube::Client) -> Option<LeaseView> {
+    lease(c, kcm_operator::api::NAMESPACE, kcm_operator::election::LEASE_NAME).await
+}
+
+/// Whether kube-controller-manager.service is active on `node`.
+pub fn unit_active(node: &str) -> bool {
+    on_node(node, "systemctl is-active kube-controller-manager").1.trim() == "active"
+}
+
+/// Whether a process named exactly `name` runs in the node container (or in its pods).
+pub fn process_running(node: &str, name: &str) -> bool {
+    on_node(node, &format!("pgrep -x {name}")).0
+}
+
+/// Writes `content` to `path` inside the node container, atomically (a hidden temporary file
+/// beside it, so that the kubelet never reads half a static pod manifest), with `mode`.
+pub fn write_on_node(node: &str, path: &str, content: &[u8], mode: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let script = format!(
+        "set -e; d=$(dirname '{path}'); mkdir -p \"$d\"; t=\"$d/.$(basename '{path}').e2e-tmp\"; cat > \"$t\"; chmod {mode} \"$t\"; mv -f \"$t\" '{path}'"
+    );
+    let mut child = Command::new("docker")
+        .args(["exec", "-i", node, "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("docker exec -i {node}: {e}"));
+    // Dropping stdin closes it: `cat` sees the end of the content.
+    let written = child.stdin.take().expect("stdin").write_all(content);
+    let out = child.wait_with_output().expect("docker exec");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match written {
+        Ok(()) => (out.status.success(), text),
+        Err(e) => (false, format!("writing to docker exec: {e}; {text}")),
+    }
+}
+
+/// Pods in the operator's namespace with `app.kubernetes.io/name=<app>`.
+pub async fn pods_with_app(c: &kube::Client, app: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(c.clone(), kcm_operator::api::NAMESPACE)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={app}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+/// Whether a pod's Ready condition is True.
+pub fn pod_ready(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The node a pod is bound to.
+pub fn pod_node(p: &Pod) -> Option<String> {
+    p.spec.as_ref().and_then(|s| s.node_name.clone())
+}
+
+/// Everything healthy: the CR says `n/n` for the `masters`, every master's report is fresh,
+/// healthy, without drift and observed after `since` (seconds since the epoch), its unit is
+/// active on the host, and kcm's Lease has a live holder that `status.leader` names. Returns
+/// the leader's node, or why not.
+pub async fn all_healthy(c: &kube::Client, masters: &[String], since: f64) -> Result<String, String> {
+    let Some((_, s)) = cr(c).await else { return Err("no CR".into()) };
+    let now = now_secs();
+    let want = format!("{}/{}", masters.len(), masters.len());
+    if s.ready.as_deref() != Some(want.as_str()) {
+        return Err(format!("ready {:?}", s.ready));
+    }
+    for m in masters {
+        let Some(n) = s.nodes.iter().find(|n| &n.name == m) else { return Err(format!("{m}: no status entry")) };
+        if !(report_fresh(n, now) && observed_at(n).is_some_and(|t| t > since) && n.healthy && n.unit_active && n.drift.is_empty()) {
+            return Err(format!("{m}: observedAt {:?} healthy {} unitActive {} drift {:?}", n.observed_at, n.healthy, n.unit_active, n.drift));
+        }
+    }
+    let Some(l) = kcm_lease(c).await else { return Err("kcm Lease unreadable".into()) };
+    if !l.live(now) {
+        return Err(format!("kcm Lease not held: {l:?}"));
+    }
+    let leader = l.node().unwrap_or_default();
+    if s.leader.as_deref() != Some(leader.as_str()) {
+        return Err(format!("status.leader {:?}, Lease holder {leader}", s.leader));
+    }
+    for m in masters {
+        if !unit_active(m) {
+            return Err(format!("{m}: unit not active"));
+        }
+    }
+    Ok(leader)
+}
+
+/// The node containers of the kind cluster (`kcm-control-plane*`), for diagnostics.
+fn node_containers() -> Vec<String> {
+    let (_, out) = sh(Command::new("docker").args(["ps", "--filter", "name=kcm-control-plane", "--format", "{{.Names}}"]));
+    let mut v: Vec<String> = out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    v.sort();
+    v
 }

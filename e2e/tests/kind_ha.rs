@@ -1,8 +1,9 @@
 //! The seed's section 2 on kind (3 control-plane nodes), from `kubectl apply -k manifests/kind/`:
 //! the operator rolls kcm out under systemd on every master one at a time (kubeadm's kcm
 //! static pod adopted), with certificates issued through the CSR API; then the seed's
-//! checks (2.1-2.5), failover, a flag change rolled out with never two masters down, and
-//! a bad spec rolled back on the first node while the other two keep running.
+//! checks (2.1-2.5), failover, a flag change rolled out with never two masters down (the
+//! leading operator replica SIGTERMed mid-rollout, another finishes it), and a bad spec
+//! rolled back on the first node while the other two keep running.
 //!
 //! One test, in phases, because every phase builds on the cluster state the one before left.
 
@@ -207,9 +208,10 @@ async fn ha_kcm_on_three_masters() {
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let applied_at = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, Duration>::new()));
     let t0 = Instant::now();
-    // Mid-rollout, once the first master is done, the operator's pod is deleted: the
-    // replica that replaces it takes the operator's Lease over and finishes the rollout.
-    let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    // Mid-rollout, once the first master is done, the leading operator's process gets
+    // SIGTERM (the operator is a static pod: deleting its mirror pod would not stop it): it
+    // releases the operator's Lease, another replica takes it over and finishes the rollout.
+    let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, String)>));
     // kcm's Lease as last seen: (holder identity, renewTime); and the leaderless gap at a hand-off,
     // from the old holder's last renewal to the new holder's acquisition.
     let lease_seen = std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
@@ -240,6 +242,8 @@ async fn ha_kcm_on_three_masters() {
             }
             let (k, s) = status(&c).await;
             let rev = spec_revision(&k.spec);
+            // Read before the locks below (no lock is held across an await).
+            let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
             let mut at = applied_at.lock().unwrap();
             for n in &s.nodes {
                 if n.healthy && n.applied_revision.as_deref() == Some(rev.as_str()) {
@@ -248,24 +252,28 @@ async fn ha_kcm_on_three_masters() {
             }
             let mut killed = killed.lock().unwrap();
             if !at.is_empty() && at.len() < masters.len() && killed.is_none() {
-                let (_, pods) = kubectl(&["-n", "kcm-operator", "get", "pods", "-l", "app.kubernetes.io/name=kcm-operator", "-o", "name"]);
-                let (ok, out) = kubectl(&["-n", "kcm-operator", "delete", "pod", "-l", "app.kubernetes.io/name=kcm-operator", "--wait=false"]);
-                assert!(ok, "deleting the operator pod: {out}");
-                *killed = Some(format!("{} deleted at +{:.1}s with {:?} done", pods.trim(), t0.elapsed().as_secs_f64(), at.keys().collect::<Vec<_>>()));
+                let holder = operator_holder.unwrap_or_else(|| panic!("no operator Lease holder mid-rollout\n{}", diagnostics()));
+                let node = leader_node(Some(&holder)).unwrap_or_default();
+                let (ok, out) = on_node(&node, "pkill -TERM -x kcm-operator");
+                assert!(ok, "SIGTERM to the leading operator on {node}: {out}");
+                let note = format!("{holder} on {node} got SIGTERM at +{:.1}s with {:?} done", t0.elapsed().as_secs_f64(), at.keys().collect::<Vec<_>>());
+                *killed = Some((holder, note));
             }
             masters.iter().all(|m| at.contains_key(m))
         }
     })
     .await;
     let killed = killed.lock().unwrap().clone();
-    println!("operator takeover: {killed:?}");
+    let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
+    println!("operator takeover: {:?}; operator Lease now held by {operator_holder:?}", killed.as_ref().map(|k| &k.1));
     let (_, _, handoffs, gaps) = lease_seen.lock().unwrap().clone();
     println!("kcm leader hand-offs during the rollout: {handoffs:?}");
     // Restarting the leader's kcm hands the Lease to a follower without waiting out the
     // 15 s lease: the helper releases it once the old kcm is confirmed down.
     assert!(!gaps.is_empty(), "restarting the leader's node moved the kcm Lease");
     assert!(gaps.iter().all(|g| *g < 10.0), "leaderless gaps at hand-off: {handoffs:?}");
-    assert!(killed.is_some(), "the operator pod was deleted mid-rollout");
+    let (killed_holder, _) = killed.expect("the leading operator got SIGTERM mid-rollout");
+    assert!(operator_holder.is_some_and(|h| h != killed_holder), "another operator replica took the Lease over from {killed_holder}\n{}", diagnostics());
     let applied_at = applied_at.lock().unwrap().clone();
     println!("flag change: applied at {applied_at:?}; leader {leader}; at most {worst} down at once; {log:?}");
     assert!(worst <= 1, "two masters without kcm at once: {log:?}");
