@@ -121,6 +121,7 @@ cmd_test() {
 case "${1:-}" in
   up) cmd_up ;;
   test) cmd_test ;;
+  images) step images build_images && step load-images load_images ;;  # rebuild + load into the running cluster
   down) cluster_down ;;
-  *) echo "usage: $0 up|test|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|test|images|down" >&2; exit 2 ;;
 esac

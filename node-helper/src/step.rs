@@ -30,6 +30,10 @@ pub enum StepError {
     StaticPodLingers { pids: Vec<u32>, secs: u64 },
 }
 
+/// After releasing kcm's Lease, how long (seconds) the restart waits for a follower to take
+/// it: a few of kcm's 2 s retry periods.
+pub const HANDOFF_WAIT_SECS: u64 = 6;
+
 /// Where kubeadm's manifest is kept while this node's kcm runs under systemd: beside the
 /// kubeconfig, outside the kubelet's manifest directory.
 pub fn adopted_path(spec: &KubeControllerManagerSpec) -> Option<String> {
@@ -173,13 +177,35 @@ impl Node<'_> {
         let ours = crate::systemd::kcm_pids(&proc_root).len().saturating_sub(foreign_kcm_pids(&proc_root).len());
         if state.main_pid == 0 && ours == 0 {
             match self.release_kcm_lease().await {
-                Ok(true) => tracing::info!(node = self.name, "kcm stopped and confirmed down: released its Lease for a follower"),
+                Ok(true) => {
+                    tracing::info!(node = self.name, "kcm stopped and confirmed down: released its Lease for a follower");
+                    // Let a follower on another master take it before this kcm comes back
+                    // (it would otherwise often win the race it just left).
+                    match self.follower_takes_over(Duration::from_secs(HANDOFF_WAIT_SECS)).await {
+                        Some(h) => tracing::info!(node = self.name, holder = %h, "a follower leads"),
+                        None => tracing::warn!(node = self.name, "no follower took kcm's Lease within {HANDOFF_WAIT_SECS}s: starting this kcm anyway"),
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(node = self.name, "releasing kcm's Lease: {e} (a follower takes over when it expires)"),
             }
         }
         self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
         Ok(())
+    }
+
+    /// Waits until kcm's Lease names a holder on another master; returns it.
+    async fn follower_takes_over(&self, within: Duration) -> Option<String> {
+        let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let holder = api.get(KCM_LEASE.1).await.ok().and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+            if let Some(h) = holder.filter(|h| kcm_operator::rollout::leader_node(Some(h)).as_deref() != Some(self.name)) {
+                return Some(h);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        None
     }
 
     async fn holds_kcm_lease(&self) -> bool {
