@@ -62,7 +62,7 @@ pub fn diagnostics() -> String {
         s.push_str(&format!("$ kubectl {}\n{}\n", args.join(" "), kubectl(args).1));
     }
     for n in node_containers() {
-        let (_, out) = on_node(&n, "systemctl is-active kube-controller-manager; pgrep -a -x kube-controller-manager | cut -c1-120; ls /etc/kubernetes/manifests");
+        let (_, out) = on_node(&n, "systemctl is-active kube-controller-manager; pgrep -a -x kube-controller | cut -c1-120; ls /etc/kubernetes/manifests");
         s.push_str(&format!("$ {n}: unit, processes, static pod manifests\n{out}\n"));
     }
     s
@@ -180,7 +180,13 @@ pub fn unit_active(node: &str) -> bool {
 
 /// Whether a process named exactly `name` runs in the node container (or in its pods).
 pub fn process_running(node: &str, name: &str) -> bool {
-    on_node(node, &format!("pgrep -x {name}")).0
+    on_node(node, &format!("pgrep -x {}", comm(name))).0
+}
+
+/// A process name as the kernel keeps it (`/proc/<pid>/comm`, 15 bytes): what `pgrep -x`
+/// matches; `kube-controller-manager` is `kube-controller`.
+pub fn comm(name: &str) -> &str {
+    &name[..name.len().min(15)]
 }
 
 /// Writes `content` to `path` inside the node container, atomically (a hidden temporary file
@@ -266,4 +272,16 @@ fn node_containers() -> Vec<String> {
     let mut v: Vec<String> = out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
     v.sort();
     v
+}
+
+/// A Deployment of two pause pods (tolerating every taint, image already on the nodes): kcm's
+/// deployment and replicaset controllers must give it a ReplicaSet and two Pods (seed 2.4).
+pub fn probe_deployment() -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "probe"}},
+                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}],
+                 "tolerations": [{"operator": "Exists"}]}}}
+    }))
+    .expect("a valid Deployment")
 }

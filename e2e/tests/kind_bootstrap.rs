@@ -222,7 +222,7 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
         let kubeconfig = must(m, &format!("cat {SEED_KUBECONFIG}"));
         assert!(kubeconfig.contains(APISERVER), "{SEED_KUBECONFIG} on {m} points at {APISERVER}");
         assert!(e2e::kind::unit_active(m), "kube-controller-manager.service active on {m}");
-        let n = must(m, "pgrep -c -x kube-controller-manager");
+        let n = must(m, &format!("pgrep -c -x {}", e2e::kind::comm("kube-controller-manager")));
         assert_eq!(n.trim(), "1", "one kube-controller-manager process on {m}");
         assert!(!on_node(m, &format!("test -e {KUBEADM_KCM_MANIFEST} || test -e {KIND_KCM_DIR}")).0, "no kubeadm or kind-layout kcm came back on {m}");
     }
@@ -247,13 +247,7 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
     let ns = "kcm-e2e-bootstrap";
     let (ok, out) = kubectl(&["create", "namespace", ns]);
     assert!(ok || out.contains("AlreadyExists"), "creating namespace {ns}: {out}");
-    let dep: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "probe"},
-        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "probe"}},
-                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}],
-                 "tolerations": [{"operator": "Exists"}]}}}
-    }))
-    .unwrap();
+    let dep = e2e::kind::probe_deployment();
     let _ = Api::<Deployment>::namespaced(c.clone(), ns).create(&PostParams::default(), &dep).await;
     let t0 = Instant::now();
     let pods = loop {

@@ -160,13 +160,7 @@ async fn ha_kcm_on_three_masters() {
     assert!(ok && out.trim() == "deployment-controller", "{out}");
     let ns = "kcm-e2e-deploy";
     let _ = kubectl(&["create", "namespace", ns]);
-    let dep: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "probe"},
-        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "probe"}},
-                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}],
-                 "tolerations": [{"operator": "Exists"}]}}}
-    }))
-    .unwrap();
+    let dep = e2e::kind::probe_deployment();
     let deps = Api::<Deployment>::namespaced(c.clone(), ns);
     let _ = deps.create(&PostParams::default(), &dep).await;
     let got = poll("ReplicaSet and 2 Pods of the Deployment", Duration::from_secs(60), || async {
