@@ -389,4 +389,54 @@ async fn rescue_repair_and_drift() {
     let na = cert_not_after(&target, &paths.cert);
     assert!(na.is_some_and(|t| t as f64 > now_secs()), "the new certificate on {target} is valid (notAfter {na:?})");
     assert!(others_down.is_empty(), "other masters went down during the drift repair: {others_down:?}");
+    // ---------------------------------------------------------------- d. bad input: the CA key missing on one master
+    // The operator's static pod is not placed there (the kubelet could not mount it) and the
+    // CR says why (Degraded/OperatorPodNotPlaced, naming the master); the others carry on,
+    // kcm keeps running everywhere; once the key is back, the condition clears.
+    let (_, _) = wait_all_healthy(&c, &masters, 0.0, Duration::from_secs(120), "before the missing CA key").await;
+    let target = masters[0].clone();
+    let moved = format!("{}.kcm-e2e-moved", paths.ca_key);
+    let _restore = RestoreFile { node: target.clone(), from: moved.clone(), to: paths.ca_key.clone() };
+    let t0 = Instant::now();
+    let (ok, out) = on_node(&target, &format!("mv {} {moved}", paths.ca_key));
+    assert!(ok, "moving {} away on {target}: {out}", paths.ca_key);
+    let degraded = e2e::apitier::poll("Degraded OperatorPodNotPlaced", Duration::from_secs(60), || async {
+        let (_, s) = cr(&c).await?;
+        let cond = s.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "OperatorPodNotPlaced")?;
+        Some((cond.message.clone(), s.nodes.clone()))
+    })
+    .await;
+    let (msg, nodes) = degraded.unwrap_or_else(|| panic!("no Degraded/OperatorPodNotPlaced within 60s of removing {} on {target}\n{}", paths.ca_key, diagnostics()));
+    println!("bad input: {} missing on {target}: Degraded OperatorPodNotPlaced after {:.1}s: {msg}", paths.ca_key, t0.elapsed().as_secs_f64());
+    assert!(msg.contains(&target) && msg.contains("caKey"), "the condition names the master and the path: {msg}");
+    for n in &nodes {
+        assert_eq!(n.operator_pod_error.is_some(), n.name == target, "operatorPodError only on {target}: {:?}", nodes.iter().map(|n| (&n.name, &n.operator_pod_error)).collect::<Vec<_>>());
+    }
+    for m in &masters {
+        assert!(unit_active(m), "kcm keeps running on {m}");
+    }
+    drop(_restore);
+    let cleared = e2e::apitier::poll("Degraded cleared", Duration::from_secs(60), || async {
+        let (_, s) = cr(&c).await?;
+        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "False").then_some(())
+    })
+    .await;
+    assert!(cleared.is_some(), "Degraded did not clear once {} was back on {target}\n{}", paths.ca_key, diagnostics());
+    println!("bad input: {} back on {target}: Degraded cleared after {:.1}s in all", paths.ca_key, t0.elapsed().as_secs_f64());
+}
+
+/// Moves a file back on a node, also when the test panics.
+struct RestoreFile {
+    node: String,
+    from: String,
+    to: String,
+}
+
+impl Drop for RestoreFile {
+    fn drop(&mut self) {
+        let (ok, out) = on_node(&self.node, &format!("if [ -e {from} ]; then mv {from} {to}; fi", from = self.from, to = self.to));
+        if !ok {
+            eprintln!("restoring {} on {}: {out}", self.to, self.node);
+        }
+    }
 }
