@@ -146,7 +146,7 @@ pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerMan
             request: ByteString(csr_pem.as_bytes().to_vec()),
             signer_name: SIGNER_NAME.into(),
             usages: Some(expected_usages(spec.certificate.key_algorithm).iter().map(|s| s.to_string()).collect()),
-            expiration_seconds: Some(i32::try_from(u64::from(spec.certificate.validity_hours) * 3600).unwrap_or(i32::MAX)),
+            expiration_seconds: Some(i32::try_from(spec.certificate.validity_secs()).unwrap_or(i32::MAX)),
             ..Default::default()
         },
         status: None,
@@ -224,7 +224,8 @@ fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) ->
     };
     // An expired certificate (or one about to expire) is never reused: a repair renews it.
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    let live = cert.not_after > now + 60;
+    // Nor one that lives longer than the spec now asks for (the validity was shortened).
+    let live = cert.not_after > now + 60 && cert.not_after <= now + spec.certificate.validity_secs() + 300;
     Ok((live && cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
 }
 

@@ -1,5 +1,6 @@
 //! node-helper: the privileged agent on each master that installs kube-controller-manager.
 pub mod drift;
+pub mod fence;
 pub mod host;
 pub mod install;
 pub mod kubelet;

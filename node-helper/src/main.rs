@@ -122,6 +122,8 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
+            // kcm's Lease is released for a follower when this host's kcm exits unplanned.
+            tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone()));
             let mut helper = Helper { client, host, node_name: node.node_name, csr_wait: Duration::from_secs(csr_wait), image: None, last: None, failed_probes: 0 };
             loop {
                 if let Err(e) = helper.tick().await {

@@ -58,6 +58,7 @@ pub const STALE_AFTER_SECS: i64 = 3 * REPORT_PERIOD_SECS;
     printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expires"}"#,
+    printcolumn = r#"{"name":"Renews","type":"string","jsonPath":".status.nextRenewal"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = "self.metadata.name == 'kube-controller-manager'"
 )]
@@ -97,6 +98,11 @@ pub struct CertificateSpec {
     #[serde(default = "default_validity_hours")]
     #[schemars(range(min = 1, max = 87600))]
     pub validity_hours: u32,
+    /// For drills and tests only: a validity in minutes, overriding `validityHours`, as short
+    /// as the CSR API allows (10 minutes), to watch renewals happen. Leave unset in production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 5256000))]
+    pub validity_minutes: Option<u32>,
     /// Renew when this share of the validity (percent) remains.
     #[serde(default = "default_renew_percent")]
     #[schemars(range(min = 5, max = 90))]
@@ -243,9 +249,20 @@ fn default_static_pod() -> String {
     "/etc/kubernetes/manifests/kube-controller-manager.yaml".into()
 }
 
+impl CertificateSpec {
+    /// The validity of each certificate, in seconds: `validityMinutes` when set, else `validityHours`.
+    pub fn validity_secs(&self) -> i64 {
+        match self.validity_minutes {
+            Some(m) => i64::from(m) * 60,
+            None => i64::from(self.validity_hours) * 3600,
+        }
+    }
+}
+
 impl Default for CertificateSpec {
     fn default() -> Self {
         Self {
+            validity_minutes: None,
             validity_hours: default_validity_hours(),
             renew_when_remaining_percent: default_renew_percent(),
             key_algorithm: KeyAlgorithm::default(),
@@ -316,6 +333,9 @@ pub struct KubeControllerManagerStatus {
     /// Earliest certificate expiry among the masters (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// When the next certificate renewal is due (RFC 3339): the earliest of the masters' `renewAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_renewal: Option<String>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub nodes: Vec<NodeStatus>,
@@ -332,6 +352,9 @@ pub struct NodeStatus {
     /// Revision the operator wants on this node (set by the operator when it is the node's turn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_revision: Option<String>,
+    /// When this master's certificate is renewed (RFC 3339; set by the operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<String>,
     /// Revision the helper last installed successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<String>,

@@ -144,7 +144,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         }]}});
         api.patch_approval(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("approving CSR {name}")))?;
     }
-    let validity = i64::from(spec.certificate.validity_hours) * 3600;
+    let validity = spec.certificate.validity_secs();
     let pem = signer::sign(&accepted, &ca, now.as_second(), validity, csr.spec.expiration_seconds)?;
     let patch = json!({"status": {"certificate": k8s_openapi::ByteString(pem.into_bytes())}});
     match api.patch_status(&name, &pp, &Patch::Merge(&patch)).await {

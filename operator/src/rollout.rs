@@ -52,7 +52,7 @@ pub fn renewal_due(spec: &KubeControllerManagerSpec, not_after: i64, now: i64) -
 /// When a certificate expiring at `not_after` is renewed: when the spec's share of its
 /// validity remains.
 pub fn renew_at(spec: &KubeControllerManagerSpec, not_after: i64) -> i64 {
-    let validity = i64::from(spec.certificate.validity_hours) * 3600;
+    let validity = spec.certificate.validity_secs();
     not_after - validity * i64::from(spec.certificate.renew_when_remaining_percent) / 100
 }
 
@@ -80,6 +80,19 @@ fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_af
 /// (the signer caps validity at it): renewing it again under the same CA gains nothing.
 pub fn capped_by_ca(not_after: i64, ca_not_after: Option<i64>) -> bool {
     ca_not_after.is_some_and(|ca| not_after + CA_CAP_SLACK_SECS >= ca)
+}
+
+/// When each master's certificate is renewed (unix seconds), by node name: when the spec's
+/// share of its validity remains; none for a certificate capped by the CA (never renewed
+/// again under it).
+pub fn renewal_schedule(spec: &KubeControllerManagerSpec, nodes: &[NodeStatus], ca_not_after: Option<i64>) -> BTreeMap<String, i64> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let not_after = n.not_after.as_deref().and_then(parse_time)?;
+            (!capped_by_ca(not_after, ca_not_after)).then(|| (n.name.clone(), renew_at(spec, not_after)))
+        })
+        .collect()
 }
 
 /// A certificate ending this close to the CA's notAfter (seconds) counts as capped by it.
@@ -369,13 +382,21 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
         set_condition(&mut conds, type_, *value, reason, message, gen, time.clone());
     }
 
+    let renewals = renewal_schedule(spec, &status.nodes, ca_not_after);
     let node_entries: Vec<serde_json::Value> = targets
         .iter()
-        .map(|(name, t)| match t {
-            Some(t) => json!({"name": name, "targetRevision": t}),
-            None => json!({"name": name}),
+        .map(|(name, t)| {
+            let mut e = json!({"name": name});
+            if let Some(t) = t {
+                e["targetRevision"] = json!(t);
+            }
+            if let Some(at) = renewals.get(name) {
+                e["renewAt"] = json!(ts(*at));
+            }
+            e
         })
         .collect();
+    let next_renewal = masters.iter().filter_map(|m| renewals.get(m)).min().map(|t| ts(*t));
     let mut st = json!({
         "observedGeneration": gen,
         "ready": format!("{healthy}/{}", masters.len()),
@@ -389,6 +410,9 @@ async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Act
     }
     if let Some(e) = &expires {
         st["expires"] = json!(e);
+    }
+    if let Some(r) = &next_renewal {
+        st["nextRenewal"] = json!(r);
     }
     let body = json!({"apiVersion": "kcm.kcm-operator.io/v1alpha1", "kind": "KubeControllerManager", "metadata": {"name": CR_NAME}, "status": st});
     api.patch_status(CR_NAME, &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(body)).await.map_err(kube_err("writing status"))?;
@@ -631,6 +655,25 @@ mod tests {
         assert_eq!(ca_expiring(&s, Some(NOW + 5 * 365 * 86400), NOW), None);
         let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), NOW);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Degraded" && *v && r == "ClusterCAExpiring"), "{conds:?}");
+    }
+
+    #[test]
+    fn renewal_schedule_for_drills_and_for_years() {
+        // 10-minute certificates renewed when 90% remains: one minute after issuance.
+        let mut s = spec();
+        s.certificate.validity_minutes = Some(10);
+        s.certificate.renew_when_remaining_percent = 90;
+        assert_eq!(s.certificate.validity_secs(), 600);
+        let mut n = done("m1", "r");
+        n.not_after = Some(at(NOW + 600));
+        assert_eq!(renewal_schedule(&s, &[n.clone()], None)["m1"], NOW + 60);
+        assert!(!renewal_due(&s, NOW + 600, NOW + 59) && renewal_due(&s, NOW + 600, NOW + 60));
+        // The default: a year, renewed when 20% remains (73 days before notAfter).
+        let y = spec();
+        assert_eq!(y.certificate.validity_secs(), 8760 * 3600);
+        assert_eq!(renew_at(&y, NOW + 365 * 86400), NOW + 365 * 86400 - 73 * 86400);
+        // Capped by the CA: never scheduled again under it.
+        assert!(renewal_schedule(&s, &[n], Some(NOW + 600)).is_empty());
     }
 
     #[test]
