@@ -301,3 +301,20 @@ async fn bad_input_fails_before_anything_is_written() {
     let csrs = Api::<CertificateSigningRequest>::all(bed.api.client()).list(&Default::default()).await.unwrap();
     assert!(csrs.items.is_empty(), "no CSR for bad input");
 }
+
+/// Pre-flight: a certificate the apiserver would not accept for kcm (here: the spec's
+/// apiserver URL leads nowhere, so nobody vouches for it) is never installed; the error
+/// says why and the host keeps what it had (nothing).
+#[tokio::test]
+async fn a_certificate_that_fails_preflight_is_not_installed() {
+    let bed = bed().await;
+    let mut spec = bed.spec.clone();
+    spec.apiserver_url = "https://127.0.0.1:1".into();
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(60)).await.err().expect("refused");
+    println!("pre-flight refused: {err}");
+    assert!(matches!(err, InstallError::Preflight { .. }), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    for p in [&spec.paths.cert, &spec.paths.key, &spec.paths.kubeconfig, &spec.paths.unit] {
+        assert!(!Path::new(p).exists(), "{p} written despite the failed pre-flight");
+    }
+}

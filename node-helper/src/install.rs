@@ -35,6 +35,8 @@ pub enum InstallError {
     Failed { name: String, message: String },
     #[error("CSR {name}: no certificate within {secs}s (is the operator running?)")]
     Timeout { name: String, secs: u64 },
+    #[error("pre-flight of the new certificate {serial} failed, nothing written: {reason}")]
+    Preflight { serial: String, reason: String },
 }
 pub type Result<T, E = InstallError> = std::result::Result<T, E>;
 
@@ -229,6 +231,33 @@ fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) ->
     Ok((live && cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
 }
 
+/// Before a new certificate is installed: it chains to the CA the kubeconfig names, and the
+/// apiserver, reached the way kcm will reach it (the spec's URL, that CA, the new pair),
+/// sees user and group `system:kube-controller-manager` (SelfSubjectReview).
+pub async fn preflight(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem: &str, key_pem: &str) -> std::result::Result<(), String> {
+    match pki::issued_by(cert_pem.as_bytes(), ca_pem.as_bytes()) {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("it does not chain to the CA {}", spec.paths.ca_cert)),
+        Err(e) => return Err(e.to_string()),
+    }
+    let text = render::kubeconfig(spec, ca_pem, ClientCredentials::Embedded { cert_pem, key_pem });
+    let kc: kube::config::Kubeconfig = serde_yaml::from_str(&text).map_err(|e| format!("the rendered kubeconfig does not parse: {e}"))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| format!("the rendered kubeconfig is not usable: {e}"))?;
+    let client = kube::Client::try_from(cfg).map_err(|e| format!("client for {}: {e}", spec.apiserver_url))?;
+    let review = k8s_openapi::api::authentication::v1::SelfSubjectReview::default();
+    let got = tokio::time::timeout(Duration::from_secs(15), Api::<k8s_openapi::api::authentication::v1::SelfSubjectReview>::all(client).create(&PostParams::default(), &review))
+        .await
+        .map_err(|_| format!("no answer from {} within 15s", spec.apiserver_url))?
+        .map_err(|e| format!("SelfSubjectReview at {}: {e}", spec.apiserver_url))?;
+    let user = got.status.and_then(|s| s.user_info).unwrap_or_default();
+    let name = user.username.unwrap_or_default();
+    let groups = user.groups.unwrap_or_default();
+    if name != kcm_operator::api::KCM_USER || !groups.iter().any(|g| g == kcm_operator::api::KCM_USER) {
+        return Err(format!("the apiserver sees user {name:?} in groups {groups:?}, not {0} in group {0}", kcm_operator::api::KCM_USER));
+    }
+    Ok(())
+}
+
 /// Writes key, cert, kubeconfig and unit. With `renew`, or when the host has no usable
 /// certificate for this node, a new key is generated and a certificate requested first.
 pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared, renew: bool, csr_wait: Duration) -> Result<Installed> {
@@ -244,7 +273,9 @@ pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerMa
             if !cert.matches_key(&key) {
                 return Err(InstallError::Failed { name: p.id.name.clone(), message: "issued certificate is not for our key".into() });
             }
-            (cert_pem, key.serialize_pem(), cert)
+            let key_pem = key.serialize_pem();
+            preflight(spec, &p.ca_pem, &cert_pem, &key_pem).await.map_err(|reason| InstallError::Preflight { serial: cert.serial_hex.clone(), reason })?;
+            (cert_pem, key_pem, cert)
         }
     };
     let planned = plan(spec, &p.id, &p.kcm, &p.ca_pem, cert_pem, key_pem)?;

@@ -169,6 +169,16 @@ impl CertInfo {
     }
 }
 
+/// Whether the certificate in `cert_pem` is signed by the CA in `ca_pem` (its issuer matches
+/// the CA's subject and the signature verifies with the CA's key).
+pub fn issued_by(cert_pem: &[u8], ca_pem: &[u8]) -> Result<bool> {
+    let cert_der = pem_block(cert_pem, "CERTIFICATE", "certificate")?;
+    let ca_der = pem_block(ca_pem, "CERTIFICATE", "CA certificate")?;
+    let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| PkiError::Parse { what: "certificate".into(), reason: e.to_string() })?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse { what: "CA certificate".into(), reason: e.to_string() })?;
+    Ok(cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok())
+}
+
 pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     match b.len() {
         4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
@@ -222,5 +232,23 @@ pub(crate) mod tests {
         assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
         assert!(pem_block(pem.as_bytes(), "CERTIFICATE REQUEST", "csr").is_ok());
         assert!(matches!(pem_block(b"garbage", "CERTIFICATE", "x"), Err(PkiError::Pem { .. })));
+    }
+
+    #[test]
+    fn issued_by_checks_issuer_and_signature() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "ca");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        assert!(issued_by(leaf.pem().as_bytes(), ca.pem().as_bytes()).unwrap());
+        // Another CA with the same name: the signature does not verify.
+        let other_key = KeyPair::generate().unwrap();
+        let other = ca_params.self_signed(&other_key).unwrap();
+        assert!(!issued_by(leaf.pem().as_bytes(), other.pem().as_bytes()).unwrap());
+        assert!(issued_by(b"not pem", ca.pem().as_bytes()).is_err());
     }
 }
