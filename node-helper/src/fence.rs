@@ -77,7 +77,7 @@ fn alive(proc_root: &Path, pid: u32) -> bool {
 
 /// Empties the Lease if it still is exactly what was read (resourceVersion) and still
 /// names `holder`. Returns whether it was released.
-async fn release(api: &kube::Api<Lease>, mut lease: Lease, holder: &str) -> Result<bool, kube::Error> {
+pub async fn release(api: &kube::Api<Lease>, mut lease: Lease, holder: &str) -> Result<bool, kube::Error> {
     let Some(spec) = lease.spec.as_mut() else { return Ok(false) };
     if spec.holder_identity.as_deref() != Some(holder) {
         return Ok(false);

@@ -214,21 +214,16 @@ impl Node<'_> {
         kcm_operator::rollout::leader_node(holder.as_deref()).as_deref() == Some(self.name)
     }
 
-    /// Empties kcm's Lease if this master still holds it (resourceVersion-guarded).
+    /// Empties kcm's Lease if this master still holds it (resourceVersion-guarded), once
+    /// this master's kcm is confirmed down.
     async fn release_kcm_lease(&self) -> Result<bool, kube::Error> {
         let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
-        let mut lease = api.get(KCM_LEASE.1).await?;
-        let Some(spec) = lease.spec.as_mut() else { return Ok(false) };
-        if kcm_operator::rollout::leader_node(spec.holder_identity.as_deref()).as_deref() != Some(self.name) {
+        let lease = api.get(KCM_LEASE.1).await?;
+        let Some(holder) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) else { return Ok(false) };
+        if kcm_operator::rollout::leader_node(Some(&holder)).as_deref() != Some(self.name) {
             return Ok(false);
         }
-        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
-        spec.holder_identity = Some(String::new());
-        spec.lease_duration_seconds = Some(1);
-        spec.renew_time = Some(now.clone());
-        spec.acquire_time = Some(now);
-        api.replace(KCM_LEASE.1, &Default::default(), &lease).await?;
-        Ok(true)
+        crate::fence::release(&api, lease, &holder).await
     }
 
     /// Moves kubeadm's static pod manifest aside and waits until its kcm is gone.
