@@ -177,7 +177,9 @@ struct Helper {
 }
 
 /// A kcm that was healthy is reported unhealthy after this many failed probes in a row.
-const UNHEALTHY_AFTER_PROBES: u32 = 2;
+/// Three probes 5 s apart: a kcm that crashed and that systemd restarts (RestartSec=5) is
+/// healthy again before it would count as unhealthy (and earn a repair).
+const UNHEALTHY_AFTER_PROBES: u32 = 3;
 
 impl Helper {
     /// One look: place the operator's static pod, apply the operator's target revision for
@@ -227,10 +229,10 @@ impl Helper {
             }
             _ => {
                 let (unit_active, probed) = observe(client, host, &step, spec, node_name).await;
-                // One failed probe of a kcm that was healthy is not yet "unhealthy" (that
-                // would earn it a repair): two in a row are.
+                // A failed probe of a kcm that was healthy is not yet "unhealthy" (that would
+                // earn it a repair): UNHEALTHY_AFTER_PROBES in a row are.
                 self.failed_probes = if probed { 0 } else { self.failed_probes + 1 };
-                let healthy = probed || (me.healthy && unit_active && self.failed_probes < UNHEALTHY_AFTER_PROBES);
+                let healthy = probed || (me.healthy && self.failed_probes < UNHEALTHY_AFTER_PROBES);
                 Report { unit_active, healthy, ..keep }
             }
         };

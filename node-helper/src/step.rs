@@ -174,8 +174,13 @@ impl Node<'_> {
         self.systemd.systemctl(&["stop", &self.systemd.unit]).await?;
         let state = self.systemd.state().await?;
         let proc_root = self.host.root().join("proc");
-        let ours = crate::systemd::kcm_pids(&proc_root).len().saturating_sub(foreign_kcm_pids(&proc_root).len());
-        if state.main_pid == 0 && ours == 0 {
+        // The fence's rule: no kube-controller-manager process of any kind left on this host
+        // (another unit or a static pod may hold the Lease, alive).
+        let left = crate::systemd::kcm_pids(&proc_root);
+        if !left.is_empty() {
+            tracing::warn!(node = self.name, pids = ?left, "kcm stopped but kube-controller-manager process(es) remain on this host: Lease not released");
+        }
+        if state.main_pid == 0 && left.is_empty() {
             match self.release_kcm_lease().await {
                 Ok(true) => {
                     tracing::info!(node = self.name, "kcm stopped and confirmed down: released its Lease for a follower");

@@ -82,6 +82,16 @@ pub fn capped_by_ca(not_after: i64, ca_not_after: Option<i64>) -> bool {
     ca_not_after.is_some_and(|ca| not_after + CA_CAP_SLACK_SECS >= ca)
 }
 
+/// Certificates ending within this many seconds of the leader's belong to its renewal
+/// round: a quarter of the renewal window (a rollout issues them minutes apart).
+pub fn round_window(spec: &KubeControllerManagerSpec) -> i64 {
+    let validity = spec.certificate.validity_secs();
+    let window = validity * i64::from(spec.certificate.renew_when_remaining_percent) / 100;
+    // Less than half the time from issuance to due: a certificate renewed in this round
+    // (ending `validity - window` after the leader's) is never pulled in again.
+    (window / 4).min((validity - window) / 2)
+}
+
 /// When each master's certificate is renewed (unix seconds), by node name: when the spec's
 /// share of its validity remains; none for a certificate capped by the CA (never renewed
 /// again under it).
@@ -224,7 +234,28 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         nodes.iter().filter(|n| fresh(n, now)).filter_map(|n| wanted(spec, &rev, n, f.ca_not_after, now).map(|(r, why)| (n, r, why))).collect();
     // The leader's node goes last; otherwise by name, for a predictable order.
     todo.sort_by_key(|(n, _, _)| (is_leader(n), n.name.clone()));
-    let Some((next, revision, why)) = todo.into_iter().next() else { return Decision::Done };
+    let Some((mut next, mut revision, mut why)) = todo.into_iter().next() else { return Decision::Done };
+    // The leader's renewal is due before the others': first renew, early, the followers whose
+    // certificates are of the same round (ending at most a round window after the leader's),
+    // so the leader's master still goes last. A follower renewed since is not pulled again.
+    let leader_not_after = next.not_after.as_deref().and_then(parse_time);
+    if let (true, true, Some(leader_not_after)) = (is_leader(next), revision.contains("/renew-"), leader_not_after) {
+        let early = nodes
+            .iter()
+            .filter(|n| !is_leader(n) && fresh(n, now) && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str()))
+            .filter_map(|n| {
+                let not_after = n.not_after.as_deref().and_then(parse_time)?;
+                let serial = n.cert_serial.as_deref()?;
+                let at = renew_at(spec, not_after);
+                (!capped_by_ca(not_after, f.ca_not_after) && not_after <= leader_not_after + round_window(spec)).then(|| (at, n, serial))
+            })
+            .min_by_key(|(at, n, _)| (*at, n.name.clone()));
+        if let Some((at, n, serial)) = early {
+            next = n;
+            revision = format!("{rev}/renew-{serial}");
+            why = format!("certificate {serial} renewed {}s early, in the leader's round, before the leader's", (at - now).max(0));
+        }
+    }
     // Never two masters without kcm: every other master that runs our kcm must report, healthy.
     if let Some(down) = nodes.iter().find(|n| n.name != next.name && ours(n) && !(fresh(n, now) && n.healthy)) {
         let state = if fresh(down, now) { "is not healthy" } else { "has no fresh report" };
@@ -631,6 +662,40 @@ mod tests {
         // After the renewal the node is done: its spec part matches and the new cert is fresh.
         st[2] = done("m3", &format!("{rev}/renew-C3"));
         assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
+    }
+
+    #[test]
+    fn the_leader_renews_last_even_when_its_certificate_is_due_first() {
+        let mut s = spec();
+        s.certificate.validity_minutes = Some(10);
+        s.certificate.renew_when_remaining_percent = 90;
+        let rev = spec_revision(&s);
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        // Issued 10 s apart in a rollout: m1 (the leader) first, so it is due first.
+        for (i, n) in st.iter_mut().enumerate() {
+            n.not_after = Some(at(NOW + 540 + 10 * i as i64));
+            n.cert_serial = Some(format!("S{i}"));
+        }
+        let d = run(&s, &st, Some("m1"));
+        assert!(matches!(&d, Decision::Go { node, revision, why } if node == "m2" && revision.ends_with("/renew-S1") && why.contains("early")), "{d:?}");
+        st[1] = done("m2", &format!("{rev}/renew-S1"));
+        st[1].not_after = Some(at(NOW + 600));
+        let d = run(&s, &st, Some("m1"));
+        assert!(matches!(&d, Decision::Go { node, .. } if node == "m3"), "{d:?}");
+        st[2] = done("m3", &format!("{rev}/renew-S2"));
+        st[2].not_after = Some(at(NOW + 600));
+        let d = run(&s, &st, Some("m1"));
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && revision.ends_with("/renew-S0")), "{d:?}");
+        // A follower far from due is not pulled in: the leader goes alone.
+        st[1].not_after = Some(at(NOW + 600 * 10));
+        st[2].not_after = Some(at(NOW + 600 * 10));
+        let mut yearly = s.clone();
+        yearly.certificate.validity_minutes = None;
+        let d = run(&s, &st, Some("m1"));
+        assert!(matches!(&d, Decision::Go { node, .. } if node == "m1"), "{d:?}");
+        assert_eq!(round_window(&s), 30, "10 min, 90%: half of the 60 s from issuance to due");
+        assert_eq!(round_window(&yearly), 8760 * 3600 * 10 / 100 / 2, "a year at 90%: half of the 10% before due");
+        assert_eq!(round_window(&spec()), 8760 * 3600 * 20 / 100 / 4, "the default, a year at 20%: a quarter of the window (18 days)");
     }
 
     #[test]
