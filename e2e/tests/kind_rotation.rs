@@ -71,7 +71,7 @@ const DRILL_PERCENT: u8 = 90;
 /// The seed's command on every master, run over ssh in its `for master_ip in ...` loop.
 const SEED_RESTART: &str = "systemctl daemon-reload && systemctl enable kube-controller-manager && systemctl restart kube-controller-manager";
 /// Where the planted fake kcm lives in a node container (argv0 basename kube-controller-manager).
-const FAKE_DIR: &str = "/tmp/fence";
+const FAKE_DIR: &str = "/opt/kcm-e2e-fence"; // not /tmp: noexec on kind nodes
 
 fn restore_patch() -> serde_json::Value {
     serde_json::json!({"spec": {"certificate": {"validityMinutes": null, "renewWhenRemainingPercent": 20, "kubeconfigMode": "Referenced"}}})
