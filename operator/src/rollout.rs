@@ -108,13 +108,18 @@ pub fn renewal_schedule(spec: &KubeControllerManagerSpec, nodes: &[NodeStatus], 
 /// A certificate ending this close to the CA's notAfter (seconds) counts as capped by it.
 pub const CA_CAP_SLACK_SECS: i64 = 60;
 
-/// When the cluster CA itself expires inside the renewal window: the message for
-/// Degraded/`ClusterCAExpiring`. Certificates are renewed once under it (capped at its
-/// notAfter), never in a loop.
+/// When the cluster CA has less life left than the spec's validity (so certificates issued
+/// now are cut short at its notAfter, and once it is inside the renewal window they cannot
+/// be renewed usefully): the message for Degraded/`ClusterCAExpiring`. Certificates are
+/// renewed once under it (capped at its notAfter), never in a loop.
 pub fn ca_expiring(spec: &KubeControllerManagerSpec, ca_not_after: Option<i64>, now: i64) -> Option<String> {
     let ca = ca_not_after?;
-    (now >= renew_at(spec, ca)).then(|| {
-        format!("the cluster CA expires at {}: kcm certificates issued under it end then; renew the CA (certificates are renewed once under it, not again)", ts(ca))
+    (ca - now < spec.certificate.validity_secs()).then(|| {
+        format!(
+            "the cluster CA expires at {}, before the {}s validity the spec asks for: kcm certificates issued under it end then; renew the CA (certificates are renewed once under it, not again)",
+            ts(ca),
+            spec.certificate.validity_secs()
+        )
     })
 }
 
@@ -718,6 +723,9 @@ mod tests {
         let msg = ca_expiring(&s, Some(ca), NOW).expect("reported");
         assert!(msg.contains("cluster CA expires"), "{msg}");
         assert_eq!(ca_expiring(&s, Some(NOW + 5 * 365 * 86400), NOW), None);
+        // A CA with less life left than the validity, even outside the renewal window: reported.
+        assert!(ca_expiring(&s, Some(NOW + 200 * 86400), NOW).is_some());
+        assert_eq!(ca_expiring(&s, Some(NOW + 366 * 86400), NOW), None);
         let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), NOW);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Degraded" && *v && r == "ClusterCAExpiring"), "{conds:?}");
     }
