@@ -636,6 +636,26 @@ fn kubeconfig_cert_lines(node: &str, kubeconfig: &str) -> (usize, usize) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// Patches the drill certificate spec with kubeconfig `mode` (Embedded or Referenced), waits
+/// for the rollout and checks that every master's kubeconfig now embeds, or references, the
+/// client certificate. Returns when the rollout was done.
+async fn switch_kubeconfig_mode(c: &kube::Client, masters: &[String], kubeconfig: &str, mode: &str) -> f64 {
+    let embedded = mode == "Embedded";
+    let what = if embedded { "embedded" } else { "referenced" };
+    patch_cr(c, &drill_patch(mode)).await;
+    let rolled = wait_rolled_out(c, masters, Duration::from_secs(600), &format!("4. rollout of the {what} kubeconfig")).await;
+    let want = if embedded { (1, 0) } else { (0, 1) };
+    for m in masters {
+        let (data, path) = kubeconfig_cert_lines(m, kubeconfig);
+        assert!(
+            (data, path) == want,
+            "4. {what}: {m}'s kubeconfig should {} the client certificate: {data} client-certificate-data line(s), {path} client-certificate line(s)",
+            if embedded { "embed" } else { "reference" }
+        );
+    }
+    rolled
+}
+
 fn lower(s: &str) -> String {
     s.to_ascii_lowercase()
 }
@@ -834,13 +854,8 @@ async fn rotation_fence_and_handoff() {
     let before = unit_facts_all(&masters);
     let p4_from = now_secs();
     spec_guard.arm(restore_patch());
-    patch_cr(&c, &drill_patch("Embedded")).await;
     println!("4. embedded: spec.certificate = Embedded, validityMinutes {DRILL_MINUTES}, renewWhenRemainingPercent {DRILL_PERCENT} at +{:.1}s", rel(p4_from));
-    let rolled = wait_rolled_out(&c, &masters, Duration::from_secs(600), "4. rollout of the embedded kubeconfig").await;
-    for m in &masters {
-        let (data, path) = kubeconfig_cert_lines(m, &paths.kubeconfig);
-        assert!(data == 1 && path == 0, "4. embedded: {m}'s kubeconfig should embed the client certificate: {data} client-certificate-data line(s), {path} client-certificate line(s)");
-    }
+    let rolled = switch_kubeconfig_mode(&c, &masters, &paths.kubeconfig, "Embedded").await;
     let mid = unit_facts_all(&masters);
     summary.push(phase_figures(&watch, t_test, "4a embedded rollout", p4_from, rolled, &before, &mid));
 
@@ -967,12 +982,7 @@ async fn rotation_fence_and_handoff() {
 
     // Back to Referenced, same drill certificates.
     let p4c_from = now_secs();
-    patch_cr(&c, &drill_patch("Referenced")).await;
-    let rolled = wait_rolled_out(&c, &masters, Duration::from_secs(600), "4. rollout back to the referenced kubeconfig").await;
-    for m in &masters {
-        let (data, path) = kubeconfig_cert_lines(m, &paths.kubeconfig);
-        assert!(data == 0 && path == 1, "4. referenced: {m}'s kubeconfig should reference the client certificate: {data} client-certificate-data line(s), {path} client-certificate line(s)");
-    }
+    let rolled = switch_kubeconfig_mode(&c, &masters, &paths.kubeconfig, "Referenced").await;
     let after = unit_facts_all(&masters);
     summary.push(phase_figures(&watch, t_test, "4c rollout back to Referenced", p4c_from, rolled, &after_round, &after));
 
