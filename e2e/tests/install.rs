@@ -11,7 +11,10 @@ use std::time::Duration;
 use e2e::apitier::{whoami, ApiServer};
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
 use k8s_openapi::ByteString;
-use kcm_operator::api::{KubeControllerManager, KubeControllerManagerSpec, CSR_NODE_LABEL, HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE, SIGNER_NAME};
+use kcm_operator::api::{
+    KubeControllerManager, KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE,
+    RESCUE_APP, SIGNER_NAME,
+};
 use kcm_operator::approver::{self, SignerConfig, CR_NAME};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity};
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -57,10 +60,11 @@ fn spec_under(root: &Path, api: &ApiServer, port: u16) -> KubeControllerManagerS
     .unwrap()
 }
 
-/// Applies the project's RBAC (manifests/base) so the helper runs with exactly its rights.
+/// Applies the project's RBAC and the helper DaemonSet (manifests/base) so the helper runs
+/// with exactly its rights and its pods have their owner (no DaemonSet controller runs here).
 async fn apply_manifests(client: &kube::Client) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base");
-    for file in ["namespace.yaml", "rbac.yaml"] {
+    for file in ["namespace.yaml", "rbac.yaml", "node-helper.yaml"] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
         e2e::apitier::apply_yaml(client, &text).await.unwrap_or_else(|e| panic!("applying {file}: {e:#}"));
     }
@@ -101,10 +105,57 @@ async fn bed() -> Bed {
     std::fs::copy(api.ca_key_path(), certdir.join("ca-key.pem")).unwrap();
     std::fs::copy(api.sa_key_path(), certdir.join("sa.key")).unwrap();
     create_cr(&admin, spec.clone()).await;
-    let token = api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, "kcm-node-helper-test", NODE).await.expect("bound token");
+    let pod = helper_pod(&admin, NODE, Owner::DaemonSet).await;
+    let token = api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &pod, NODE).await.expect("bound token");
     let helper = api.client_with_token(&token);
+    set_steps(&admin, &[(NODE, STEP, None)]).await;
     let signer = tokio::spawn(approver::run(admin.clone(), SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem"))));
     Bed { api, root, helper, spec, port, _signer: signer }
+}
+
+/// The operator's target revision in the bed: the step the helper's CSRs are for.
+const STEP: &str = "test-rev-1";
+
+/// What a test pod on a master is, to the signer.
+#[derive(Clone, Copy, Debug)]
+enum Owner {
+    /// Controlled by the helper DaemonSet: what the real helper runs in.
+    DaemonSet,
+    /// The operator's rescue pod for the node.
+    Rescue,
+    /// A pod with the helper's ServiceAccount that is neither.
+    Stray,
+}
+
+/// Creates a pod with the helper's ServiceAccount on `node` (no kubelet runs it); returns
+/// its name, for [`ApiServer::bound_sa_token`].
+async fn helper_pod(admin: &kube::Client, node: &str, owner: Owner) -> String {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::Pod;
+    let (name, labels, owners) = match owner {
+        Owner::DaemonSet => {
+            let ds = Api::<DaemonSet>::namespaced(admin.clone(), NAMESPACE).get(HELPER_DAEMONSET).await.unwrap();
+            let owner = serde_json::json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": HELPER_DAEMONSET, "uid": ds.metadata.uid, "controller": true}]);
+            (format!("{HELPER_DAEMONSET}-{node}"), serde_json::json!({"app.kubernetes.io/name": HELPER_APP}), owner)
+        }
+        Owner::Rescue => (kcm_operator::rescue::rescue_pod_name(node), serde_json::json!({"app.kubernetes.io/name": RESCUE_APP}), serde_json::json!([])),
+        Owner::Stray => (format!("stray-{node}"), serde_json::json!({"app.kubernetes.io/name": HELPER_APP}), serde_json::json!([])),
+    };
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels, "ownerReferences": owners},
+        "spec": {"nodeName": node, "serviceAccountName": HELPER_SERVICE_ACCOUNT, "containers": [{"name": "node-helper", "image": "none"}]},
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(admin.clone(), NAMESPACE).create(&PostParams::default(), &pod).await.unwrap();
+    name
+}
+
+/// Sets the operator's side of `status.nodes` (as the operator would): each node's target
+/// revision and what its helper applied.
+async fn set_steps(admin: &kube::Client, steps: &[(&str, &str, Option<&str>)]) {
+    let nodes: Vec<serde_json::Value> = steps.iter().map(|(n, t, a)| serde_json::json!({"name": n, "targetRevision": t, "appliedRevision": a})).collect();
+    let patch = serde_json::json!({"status": {"nodes": nodes}});
+    Api::<KubeControllerManager>::all(admin.clone()).patch_status(CR_NAME, &Default::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
 }
 
 fn host(bed: &Bed) -> HostFs {
@@ -114,7 +165,7 @@ fn host(bed: &Bed) -> HostFs {
 #[tokio::test]
 async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
     let bed = bed().await;
-    let done = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, Duration::from_secs(60)).await.expect("install");
+    let done = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, STEP, Duration::from_secs(60)).await.expect("install");
     println!("installed: serial {} kcm {} warnings {:?} changed {:?}", done.cert.serial_hex, done.kcm_version, done.warnings, done.changed);
     assert_eq!(done.changed.len(), 4, "{:?}", done.changed);
 
@@ -124,7 +175,7 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
     assert_eq!(mode(&p.cert), 0o644, "cert mode");
     let cert = CertInfo::from_pem(&std::fs::read(&p.cert).unwrap(), "written cert").unwrap();
     assert_eq!(cert.common_name.as_deref(), Some(KCM_USER));
-    let id = NodeIdentity { name: NODE.into(), hostname: NODE.into(), ips: vec!["127.0.0.1".parse().unwrap()] };
+    let id = NodeIdentity { name: NODE.into(), ips: vec!["127.0.0.1".parse().unwrap()] };
     assert_eq!(cert.sans, id.expected_sans());
     let validity = cert.not_after - cert.not_before;
     assert!((8760 * 3600..=8760 * 3600 + 600).contains(&validity), "validity {validity}s");
@@ -186,15 +237,24 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
     let conds = ours[0].status.as_ref().unwrap().conditions.clone().unwrap();
     assert!(conds.iter().any(|c| c.type_ == "Approved" && c.reason.as_deref() == Some("KcmOperatorApproved")), "{conds:?}");
 
-    // A second install keeps the previous files for rollback.
-    install::install(&bed.helper, &host(&bed), &bed.spec, NODE, Duration::from_secs(60)).await.expect("second install");
+    // A second certificate for the same step is refused; the next step gets one, and its
+    // install keeps the previous files for rollback.
+    let err = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, STEP, Duration::from_secs(60)).await.err().expect("second certificate for one step");
+    assert!(matches!(&err, InstallError::Denied { reason, .. } if reason == "AlreadyIssuedForStep"), "{err}");
+    set_steps(&bed.api.client(), &[(NODE, "test-rev-2", Some(STEP))]).await;
+    install::install(&bed.helper, &host(&bed), &bed.spec, NODE, "test-rev-2", Duration::from_secs(60)).await.expect("second install");
     assert!(Path::new(&format!("{}.prev", p.cert)).exists());
 }
 
-/// Creates a CSR for our signer as `client` and waits for the signer's verdict.
-async fn verdict(client: &kube::Client, admin: &kube::Client, name: &str, pem: String, usages: &[&str], node: &str) -> (String, String) {
+/// Creates a CSR for our signer as `client` for step `revision` and waits for the signer's verdict.
+async fn verdict(client: &kube::Client, admin: &kube::Client, name: &str, pem: String, usages: &[&str], node: &str, revision: &str) -> (String, String) {
     let csr = CertificateSigningRequest {
-        metadata: ObjectMeta { name: Some(name.into()), labels: Some([(CSR_NODE_LABEL.to_string(), node.to_string())].into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([(CSR_NODE_LABEL.to_string(), node.to_string())].into()),
+            annotations: Some([(CSR_REVISION_ANNOTATION.to_string(), revision.to_string())].into()),
+            ..Default::default()
+        },
         spec: CertificateSigningRequestSpec {
             request: ByteString(pem.into_bytes()),
             signer_name: SIGNER_NAME.into(),
@@ -220,40 +280,88 @@ async fn verdict(client: &kube::Client, admin: &kube::Client, name: &str, pem: S
     .unwrap_or_else(|| panic!("no verdict on {name}"))
 }
 
+/// A token of the helper's ServiceAccount bound to a Secret (as `kubectl create token
+/// --bound-object-kind Secret` mints it): no pod, no node.
+async fn secret_bound_token(admin: &kube::Client) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    let secret: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": "any-secret"}, "stringData": {"x": "y"}})).unwrap();
+    let secret = Api::<Secret>::namespaced(admin.clone(), NAMESPACE).create(&PostParams::default(), &secret).await.unwrap();
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600,
+        "boundObjectRef": {"apiVersion": "v1", "kind": "Secret", "name": "any-secret", "uid": secret.metadata.uid}}}))
+    .unwrap();
+    let tr = Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE).create_token_request(HELPER_SERVICE_ACCOUNT, &PostParams::default(), &tr).await.unwrap();
+    tr.status.unwrap().token
+}
+
+/// An RSA-1024 request with otherwise good contents (rcgen makes no such keys).
+fn rsa_1024_csr(sans: &pki::Sans) -> String {
+    let san: Vec<String> = sans.dns.iter().map(|d| format!("DNS:{d}")).chain(sans.ips.iter().map(|i| format!("IP:{i}"))).collect();
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-newkey", "rsa:1024", "-nodes", "-keyout", "/dev/null", "-subj"])
+        .arg(format!("/CN={KCM_USER}/O={KCM_USER}"))
+        .args(["-addext", &format!("subjectAltName={}", san.join(","))])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issue 8's signer rules on a real apiserver: each hostile request is denied with its own
+/// reason, and the real helper's request (DaemonSet pod, or rescue pod) is issued.
 #[tokio::test]
 async fn bad_csrs_are_denied_with_the_rule_that_failed() {
     let bed = bed().await;
     let admin = bed.api.client();
-    let id = NodeIdentity { name: NODE.into(), hostname: NODE.into(), ips: vec!["127.0.0.1".parse().unwrap()] };
+    let id = NodeIdentity { name: NODE.into(), ips: vec!["127.0.0.1".parse().unwrap()] };
     let usages = ["digital signature", "key encipherment", "client auth", "server auth"];
     let rsa_csr = |sans: &pki::Sans| {
         let key = pki::generate_key(kcm_operator::api::KeyAlgorithm::Rsa2048).unwrap();
         pki::make_csr(&key, sans).unwrap()
     };
     let good = rsa_csr(&id.expected_sans());
+    let expect = |what: &str, got: (String, String), reason: &str| {
+        println!("{what}: {} {}", got.0, got.1);
+        assert_eq!(got.0, reason, "{what}: {}", got.1);
+    };
 
     // From another identity (the admin), otherwise perfect.
-    let (reason, msg) = verdict(&admin, &admin, "from-admin", good.clone(), &usages, NODE).await;
-    assert_eq!(reason, "RequestorNotNodeHelper", "{msg}");
+    expect("from the admin", verdict(&admin, &admin, "from-admin", good.clone(), &usages, NODE, STEP).await, "RequestorNotNodeHelper");
+    // The helper's ServiceAccount, with a token an admin bound to a Secret.
+    let by_secret = bed.api.client_with_token(&secret_bound_token(&admin).await);
+    expect("token bound to a Secret", verdict(&by_secret, &admin, "secret-bound", good.clone(), &usages, NODE, STEP).await, "RequestorNotHelperPod");
+    // ... bound to a pod with the helper's ServiceAccount that is not a helper pod.
+    let stray = helper_pod(&admin, NODE, Owner::Stray).await;
+    let by_stray = bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &stray, NODE).await.unwrap());
+    expect("token bound to a non-helper pod", verdict(&by_stray, &admin, "stray-pod", good.clone(), &usages, NODE, STEP).await, "RequestorNotHelperPod");
+    // ... bound to a helper pod that is being deleted (no kubelet finishes it here).
+    let rescue = helper_pod(&admin, NODE, Owner::Rescue).await;
+    let by_gone = bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &rescue, NODE).await.unwrap());
+    let dp = kube::api::DeleteParams { grace_period_seconds: Some(600), ..Default::default() };
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(admin.clone(), NAMESPACE).delete(&rescue, &dp).await.unwrap();
+    expect("token of a deleted pod", verdict(&by_gone, &admin, "pod-gone", good.clone(), &usages, NODE, STEP).await, "RequestorPodGone");
     // From the helper, for another node.
-    let (reason, msg) = verdict(&bed.helper, &admin, "other-node", good.clone(), &usages, "k8smaster02").await;
-    assert_eq!(reason, "RequestorNotBoundToNode", "{msg}");
-    // Wrong SANs: another master's address.
+    expect("for another node", verdict(&bed.helper, &admin, "other-node", good.clone(), &usages, "k8smaster02", STEP).await, "RequestorNotBoundToNode");
+    // For a revision that is not the step under way.
+    expect("for another step", verdict(&bed.helper, &admin, "other-step", good.clone(), &usages, NODE, "test-rev-0").await, "NoPendingStep");
+    // Wrong SANs: another master's address; an extra DNS name.
     let mut sans = id.expected_sans();
     sans.ips.insert("172.24.8.72".parse().unwrap());
-    let (reason, msg) = verdict(&bed.helper, &admin, "wrong-san", rsa_csr(&sans), &usages, NODE).await;
-    assert_eq!(reason, "SubjectAltNamesMismatch", "{msg}");
+    expect("an extra IP SAN", verdict(&bed.helper, &admin, "wrong-san", rsa_csr(&sans), &usages, NODE, STEP).await, "SubjectAltNamesMismatch");
+    let mut sans = id.expected_sans();
+    sans.dns.insert("kubernetes.default".into());
+    expect("an extra DNS SAN", verdict(&bed.helper, &admin, "extra-dns", rsa_csr(&sans), &usages, NODE, STEP).await, "SubjectAltNamesMismatch");
     // Wrong usages.
-    let (reason, msg) = verdict(&bed.helper, &admin, "wrong-usage", good.clone(), &["digital signature", "key encipherment", "client auth"], NODE).await;
-    assert_eq!(reason, "UsagesMismatch", "{msg}");
+    expect("wrong usages", verdict(&bed.helper, &admin, "wrong-usage", good.clone(), &["digital signature", "key encipherment", "client auth"], NODE, STEP).await, "UsagesMismatch");
+    // An RSA-1024 key: the key rule, not a signature error.
+    expect("RSA-1024", verdict(&bed.helper, &admin, "rsa-1024", rsa_1024_csr(&id.expected_sans()), &usages, NODE, STEP).await, "KeyAlgorithmNotAllowed");
     // Wrong CN and O.
     let key = pki::generate_key(kcm_operator::api::KeyAlgorithm::Rsa2048).unwrap();
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name.push(rcgen::DnType::CommonName, "system:admin");
     params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:masters");
     let bad_dn = params.serialize_request(&key).unwrap().pem().unwrap();
-    let (reason, msg) = verdict(&bed.helper, &admin, "wrong-cn", bad_dn, &usages, NODE).await;
-    assert_eq!(reason, "SubjectMismatch", "{msg}");
+    expect("wrong subject", verdict(&bed.helper, &admin, "wrong-cn", bad_dn, &usages, NODE, STEP).await, "SubjectMismatch");
     // Bad PEM.
     let bad_pem = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".to_string();
     let created = Api::<CertificateSigningRequest>::all(bed.helper.clone())
@@ -267,9 +375,53 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
         )
         .await;
     assert!(created.is_err(), "the apiserver itself rejects a CSR that is not PEM");
-    // And the good one, from the helper, is issued.
-    let (reason, _) = verdict(&bed.helper, &admin, "good", good, &usages, NODE).await;
-    assert_eq!(reason, "Issued");
+    // The good one, from the helper, is issued; a second one for the same step is not.
+    expect("the helper's request", verdict(&bed.helper, &admin, "good", good.clone(), &usages, NODE, STEP).await, "Issued");
+    expect("a second certificate for the step", verdict(&bed.helper, &admin, "good-again", good.clone(), &usages, NODE, STEP).await, "AlreadyIssuedForStep");
+    // Once the step is applied, a token an admin mints for the real helper pod gets nothing.
+    set_steps(&admin, &[(NODE, STEP, Some(STEP))]).await;
+    let minted = bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &format!("{HELPER_DAEMONSET}-{NODE}"), NODE).await.unwrap());
+    expect("no step under way", verdict(&minted, &admin, "no-step", good.clone(), &usages, NODE, STEP).await, "NoPendingStep");
+
+    // A master whose kubelet reports an address in the service range (10.96.0.0/16 here).
+    const M2: &str = "k8smaster02";
+    let pod2 = helper_pod(&admin, M2, Owner::Rescue).await;
+    let by_m2 = bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &pod2, M2).await.unwrap());
+    let addresses = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.96.0.50"}]}});
+    Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone()).patch_status(M2, &Default::default(), &kube::api::Patch::Merge(&addresses)).await.unwrap();
+    set_steps(&admin, &[(NODE, STEP, Some(STEP)), (M2, STEP, None)]).await;
+    let m2 = NodeIdentity { name: M2.into(), ips: vec!["10.96.0.50".parse().unwrap()] };
+    expect("an IP SAN in the service range", verdict(&by_m2, &admin, "service-ip", rsa_csr(&m2.expected_sans()), &usages, M2, STEP).await, "SubjectAltNameInServiceRange");
+    // The same master with a normal address: the rescue pod's request is issued.
+    let addresses = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}});
+    Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone()).patch_status(M2, &Default::default(), &kube::api::Patch::Merge(&addresses)).await.unwrap();
+    let m2 = NodeIdentity { name: M2.into(), ips: vec!["127.0.0.2".parse().unwrap()] };
+    expect("the rescue pod's request", verdict(&by_m2, &admin, "rescue-good", rsa_csr(&m2.expected_sans()), &usages, M2, STEP).await, "Issued");
+}
+
+/// A request left pending longer than the signer's age limit (the operator was down) is
+/// denied when the signer comes back, not signed.
+#[tokio::test]
+async fn a_stale_csr_is_denied() {
+    let bed = bed().await;
+    bed._signer.abort();
+    let admin = bed.api.client();
+    let id = NodeIdentity { name: NODE.into(), ips: vec!["127.0.0.1".parse().unwrap()] };
+    let key = pki::generate_key(kcm_operator::api::KeyAlgorithm::Rsa2048).unwrap();
+    let usages = ["digital signature", "key encipherment", "client auth", "server auth"];
+    let pending = tokio::spawn({
+        let (helper, admin) = (bed.helper.clone(), admin.clone());
+        let pem = pki::make_csr(&key, &id.expected_sans()).unwrap();
+        async move { verdict(&helper, &admin, "stale", pem, &usages, NODE, STEP).await }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let certdir = bed.root.path().join("etc/kubernetes/cert");
+    let mut config = SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem"));
+    config.max_csr_age_secs = 2;
+    let _signer = tokio::spawn(approver::run(admin.clone(), config));
+    let (reason, message) = pending.await.unwrap();
+    println!("stale CSR: {reason} {message}");
+    assert_eq!(reason, "RequestTooOld", "{message}");
 }
 
 #[tokio::test]
@@ -278,22 +430,22 @@ async fn bad_input_fails_before_anything_is_written() {
     // A host path outside the allowed roots.
     let mut spec = bed.spec.clone();
     spec.paths.unit = "/etc/systemd/system/kube-controller-manager.service".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
     assert!(matches!(err, InstallError::Host(_)), "{err}");
     // A missing CA file.
     let mut spec = bed.spec.clone();
     spec.paths.ca_cert = bed.root.path().join("etc/kubernetes/cert/missing.pem").display().to_string();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
     assert!(err.to_string().contains("missing.pem"), "{err}");
     // A kcm binary that does not exist.
     let mut spec = bed.spec.clone();
     spec.kcm.binary_path = "/opt/k8s/bin/no-such-kcm".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
     assert!(matches!(err, InstallError::Kcm { .. }), "{err}");
     // A flag kcm rejects.
     let mut spec = bed.spec.clone();
     spec.kcm.extra_args.insert("no-such-flag".into(), "1".into());
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
     assert!(err.to_string().contains("--no-such-flag"), "{err}");
     // Nothing was written, and no CSR was made.
     assert!(!Path::new(&bed.spec.paths.cert).exists());
@@ -310,7 +462,7 @@ async fn a_certificate_that_fails_preflight_is_not_installed() {
     let bed = bed().await;
     let mut spec = bed.spec.clone();
     spec.apiserver_url = "https://127.0.0.1:1".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, Duration::from_secs(60)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(60)).await.err().expect("refused");
     println!("pre-flight refused: {err}");
     assert!(matches!(err, InstallError::Preflight { .. }), "{err}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");

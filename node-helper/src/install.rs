@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::ByteString;
-use kcm_operator::api::{KubeControllerManagerSpec, CSR_NODE_LABEL, SIGNER_NAME};
+use kcm_operator::api::{KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, SIGNER_NAME};
 use kcm_operator::flags::{parse_help, FlagError, KcmVersion};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity, PkiError};
 use kcm_operator::render::{self, ClientCredentials, NodeFiles};
@@ -130,7 +130,9 @@ pub fn plan(spec: &KubeControllerManagerSpec, id: &NodeIdentity, kcm: &KcmBinary
 }
 
 /// Submits a CSR for this node and waits for the operator to sign it.
-pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerManagerSpec, id: &NodeIdentity, csr_pem: &str, wait: Duration) -> Result<String> {
+/// The CSR names the node (label) and the step it is for (annotation): the signer issues one
+/// certificate per node and step, and only while that step is under way.
+pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerManagerSpec, id: &NodeIdentity, revision: &str, csr_pem: &str, wait: Duration) -> Result<String> {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let suffix: String = {
         let mut b = [0u8; 4];
@@ -142,6 +144,7 @@ pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerMan
         metadata: ObjectMeta {
             name: Some(name.clone()),
             labels: Some([(CSR_NODE_LABEL.to_string(), id.name.clone())].into()),
+            annotations: Some([(CSR_REVISION_ANNOTATION.to_string(), revision.to_string())].into()),
             ..Default::default()
         },
         spec: CertificateSigningRequestSpec {
@@ -258,17 +261,40 @@ pub async fn preflight(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem:
     Ok(())
 }
 
-/// Writes key, cert, kubeconfig and unit. With `renew`, or when the host has no usable
-/// certificate for this node, a new key is generated and a certificate requested first.
-pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared, renew: bool, csr_wait: Duration) -> Result<Installed> {
-    let existing = if renew { None } else { usable_pair(host, spec, p)? };
+/// When [`write`] requests a new certificate instead of keeping the one on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewCert<'a> {
+    /// Only when the host has no usable certificate for this node and spec.
+    IfNeeded,
+    /// Also when the host's certificate has this serial (hex): a renewal. One the step
+    /// already installed (a helper killed before it reported) is kept, so a repeated step
+    /// does not ask for a second certificate.
+    Replacing(&'a str),
+    /// Always.
+    Always,
+}
+
+impl NewCert<'_> {
+    fn keeps(self, serial_hex: &str) -> bool {
+        match self {
+            NewCert::IfNeeded => true,
+            NewCert::Replacing(old) => !old.eq_ignore_ascii_case(serial_hex),
+            NewCert::Always => false,
+        }
+    }
+}
+
+/// Writes key, cert, kubeconfig and unit for step `revision`. When `new_cert` says so, a new
+/// key is generated and a certificate requested first.
+pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared, new_cert: NewCert<'_>, revision: &str, csr_wait: Duration) -> Result<Installed> {
+    let existing = usable_pair(host, spec, p)?.filter(|(_, _, cert)| new_cert.keeps(&cert.serial_hex));
     let new_cert = existing.is_none();
     let (cert_pem, key_pem, cert) = match existing {
         Some(pair) => pair,
         None => {
             let key = pki::generate_key(spec.certificate.key_algorithm)?;
             let csr = pki::make_csr(&key, &p.id.expected_sans())?;
-            let cert_pem = request_certificate(client, spec, &p.id, &csr, csr_wait).await?;
+            let cert_pem = request_certificate(client, spec, &p.id, revision, &csr, csr_wait).await?;
             let cert = CertInfo::from_pem(cert_pem.as_bytes(), "issued certificate")?;
             if !cert.matches_key(&key) {
                 return Err(InstallError::Failed { name: p.id.name.clone(), message: "issued certificate is not for our key".into() });
@@ -294,8 +320,21 @@ pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerMa
     Ok(Installed { cert, kcm_version: p.kcm.version, warnings: planned.files.flags.warnings, changed, new_cert })
 }
 
-/// The whole install for node `node_name` with a new key and certificate.
-pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, csr_wait: Duration) -> Result<Installed> {
+/// The whole install of step `revision` for node `node_name` with a new key and certificate.
+pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, revision: &str, csr_wait: Duration) -> Result<Installed> {
     let prepared = prepare(client, host, spec, node_name).await?;
-    write(client, host, spec, &prepared, true, csr_wait).await
+    write(client, host, spec, &prepared, NewCert::Always, revision, csr_wait).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NewCert;
+
+    #[test]
+    fn a_renewal_replaces_only_the_certificate_it_names() {
+        assert!(NewCert::IfNeeded.keeps("0a1b"));
+        assert!(!NewCert::Replacing("0A1B").keeps("0a1b"), "the named certificate is replaced");
+        assert!(NewCert::Replacing("0A1B").keeps("ffff"), "one already renewed (a repeated step) is kept");
+        assert!(!NewCert::Always.keeps("ffff"));
+    }
 }

@@ -141,14 +141,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn read_spec(client: &kube::Client) -> anyhow::Result<kcm_operator::api::KubeControllerManagerSpec> {
-    let kcm = kube::Api::<KubeControllerManager>::all(client.clone()).get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
-    Ok(kcm.spec)
-}
-
 async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u64) -> anyhow::Result<()> {
-    let spec = read_spec(client).await?;
-    let done = install::install(client, host, &spec, node_name, Duration::from_secs(csr_wait)).await?;
+    let kcm = kube::Api::<KubeControllerManager>::all(client.clone()).get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
+    // The signer issues certificates only for a step under way on this node.
+    let revision = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).and_then(kcm_operator::approver::pending_revision).with_context(|| {
+        format!("node {node_name} has no step under way in KubeControllerManager {CR_NAME}: the signer issues certificates only for the operator's target revision")
+    })?;
+    let done = install::install(client, host, &kcm.spec, node_name, &revision, Duration::from_secs(csr_wait)).await?;
     for w in &done.warnings {
         tracing::warn!("{w}");
     }
@@ -218,7 +217,7 @@ impl Helper {
         let mut report = match me.target_revision.as_deref() {
             Some(target) if !spec.paused && Some(target) != me.applied_revision.as_deref() && Some(target) != me.failed_revision.as_deref() => {
                 tracing::info!(node = node_name, target, "applying revision");
-                match step.apply(spec, target, me.cert_serial.as_deref()).await {
+                match step.apply(spec, target).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(node = node_name, target, "step failed: {e}");

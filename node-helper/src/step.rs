@@ -12,7 +12,7 @@ use kcm_operator::pki::rfc3339;
 use serde_json::json;
 
 use crate::host::{HostFs, HostPath};
-use crate::install::{self, InstallError, Installed, Prepared};
+use crate::install::{self, InstallError, Installed, NewCert, Prepared};
 use crate::probe;
 use crate::systemd::{HostSystemd, SystemdError};
 
@@ -104,21 +104,13 @@ pub struct Node<'a> {
     pub csr_wait: Duration,
 }
 
-/// Whether the target asks to renew the certificate with this serial.
-pub fn renew_requested(target: &str, current_serial: Option<&str>) -> bool {
-    match (target.split_once("/renew-"), current_serial) {
-        (Some((_, serial)), Some(cur)) => serial.eq_ignore_ascii_case(cur),
-        _ => false,
-    }
-}
-
 impl Node<'_> {
     /// Applies `revision`. On failure after files were touched, rolls back and returns the error.
-    pub async fn apply(&self, spec: &KubeControllerManagerSpec, revision: &str, current_serial: Option<&str>) -> Result<Report, StepError> {
+    pub async fn apply(&self, spec: &KubeControllerManagerSpec, revision: &str) -> Result<Report, StepError> {
         let prepared = install::prepare(self.client, self.host, spec, self.name).await?;
         let unit_before = self.systemd.state().await?;
-        let renew = renew_requested(revision, current_serial);
-        let installed = install::write(self.client, self.host, spec, &prepared, renew, self.csr_wait).await?;
+        let new_cert = kcm_operator::rollout::renewal_of(revision).map_or(NewCert::IfNeeded, NewCert::Replacing);
+        let installed = install::write(self.client, self.host, spec, &prepared, new_cert, revision, self.csr_wait).await?;
         tracing::info!(node = self.name, revision, changed = ?installed.changed, new_cert = installed.new_cert, "files written");
         let adopted = match self.adopt(spec).await {
             Ok(a) => a,
@@ -338,14 +330,6 @@ pub fn foreign_kcm_pids(proc_root: &Path) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renew_only_the_certificate_named() {
-        assert!(renew_requested("abc/renew-0A1B", Some("0a1b")));
-        assert!(!renew_requested("abc/renew-0A1B", Some("ffff")));
-        assert!(!renew_requested("abc", Some("0a1b")));
-        assert!(!renew_requested("abc/renew-0A1B", None));
-    }
 
     #[test]
     fn adopted_manifest_lives_beside_the_kubeconfig() {

@@ -26,6 +26,12 @@ pub const HELPER_MANAGER_PREFIX: &str = "kcm-node-helper";
 pub const CSR_NODE_LABEL: &str = "kcm.kcm-operator.io/node";
 /// The extra attribute that pod-bound ServiceAccount tokens carry: the node the pod runs on.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The extra attributes of a pod-bound ServiceAccount token naming the pod it is bound to.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+/// Annotation on each CSR naming the target revision (the step) it is requested for: the
+/// signer issues one certificate per node and step.
+pub const CSR_REVISION_ANNOTATION: &str = "kcm.kcm-operator.io/revision";
 /// The Lease kcm itself elects its leader on (seed 2.5).
 pub const KCM_LEASE: (&str, &str) = ("kube-system", "kube-controller-manager");
 /// Label of control-plane nodes set by kubeadm; the default master selector.

@@ -8,16 +8,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::api::{KubeControllerManager, KubeControllerManagerSpec, HELPER_SERVICE_ACCOUNT, NAMESPACE, SIGNER_NAME};
+use crate::api::{
+    KubeControllerManager, KubeControllerManagerSpec, NodeStatus, CSR_REVISION_ANNOTATION, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, NAMESPACE, NODE_NAME_EXTRA,
+    POD_NAME_EXTRA, RESCUE_APP, SIGNER_NAME,
+};
 use crate::pki::NodeIdentity;
-use crate::signer::{self, Ca, CsrFacts, NodeFacts, Policy};
+use crate::rescue::rescue_pod_name;
+use crate::signer::{self, Ca, CsrFacts, Lookups, NodeFacts, PodFacts, Policy};
 
 /// Name of the one KubeControllerManager object per cluster.
 pub const CR_NAME: &str = "kube-controller-manager";
@@ -44,11 +49,13 @@ pub struct SignerConfig {
     pub ca_key: PathBuf,
     /// Namespace of the node-helper's ServiceAccount.
     pub helper_namespace: String,
+    /// CSRs older than this (seconds) are denied ([`signer::MAX_CSR_AGE_SECS`]).
+    pub max_csr_age_secs: i64,
 }
 
 impl SignerConfig {
     pub fn new(ca_cert: impl Into<PathBuf>, ca_key: impl Into<PathBuf>) -> Self {
-        Self { ca_cert: ca_cert.into(), ca_key: ca_key.into(), helper_namespace: NAMESPACE.into() }
+        Self { ca_cert: ca_cert.into(), ca_key: ca_key.into(), helper_namespace: NAMESPACE.into(), max_csr_age_secs: signer::MAX_CSR_AGE_SECS }
     }
     fn helper_username(&self) -> String {
         format!("system:serviceaccount:{}:{}", self.helper_namespace, HELPER_SERVICE_ACCOUNT)
@@ -62,12 +69,75 @@ impl SignerConfig {
 struct Ctx {
     client: kube::Client,
     config: SignerConfig,
+    deciding: tokio::sync::Mutex<()>,
 }
 
 /// Whether a node's labels match the master selector.
 pub fn is_master(node: &Node, selector: &BTreeMap<String, String>) -> bool {
     let labels = node.labels();
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether a pod is a node-helper pod: controlled by the helper DaemonSet `ds_uid` names
+/// (None: it does not exist), or the operator's rescue pod for its node.
+pub fn helper_pod_check(pod: &Pod, ds_uid: Option<&str>) -> Result<(), String> {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("");
+    if let Some(owner) = pod.owner_references().iter().find(|o| o.controller == Some(true)) {
+        return match (owner.kind.as_str(), owner.name.as_str(), ds_uid) {
+            ("DaemonSet", HELPER_DAEMONSET, Some(uid)) if owner.uid == uid => Ok(()),
+            ("DaemonSet", HELPER_DAEMONSET, _) => Err(format!("its owner DaemonSet {HELPER_DAEMONSET} (uid {}) is not the current one", owner.uid)),
+            (kind, name, _) => Err(format!("it is controlled by {kind} {name}, not by DaemonSet {HELPER_DAEMONSET}")),
+        };
+    }
+    let rescue = pod.labels().get("app.kubernetes.io/name").is_some_and(|a| a == RESCUE_APP);
+    if rescue && pod.name_any() == rescue_pod_name(node) {
+        return Ok(());
+    }
+    Err(format!("it is neither controlled by DaemonSet {HELPER_DAEMONSET} nor the rescue pod {}", rescue_pod_name(node)))
+}
+
+/// The facts the rules need beyond the CSR: the pod its token is bound to, the node, the
+/// node's step under way and what was issued for it. Fetched only as far as the CSR's own
+/// claims lead (a token without pod extras costs no reads).
+async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, csr_name: &str) -> Result<Lookups, ApproverError> {
+    let mut found = Lookups::default();
+    let (Some(pod_name), Some(node_name)) = (facts.single_extra(POD_NAME_EXTRA), facts.single_extra(NODE_NAME_EXTRA)) else {
+        return Ok(found);
+    };
+    let ns = &ctx.config.helper_namespace;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(pod) = pods.get_opt(pod_name).await.map_err(kube_err(format!("reading pod {ns}/{pod_name}")))? {
+        let ds = Api::<DaemonSet>::namespaced(ctx.client.clone(), ns).get_opt(HELPER_DAEMONSET).await.map_err(kube_err(format!("reading DaemonSet {ns}/{HELPER_DAEMONSET}")))?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
+        found.pod = Some(PodFacts {
+            uid: pod.uid().unwrap_or_default(),
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            live: pod.metadata.deletion_timestamp.is_none() && phase != "Succeeded" && phase != "Failed",
+            helper: helper_pod_check(&pod, ds.as_ref().and_then(|d| d.metadata.uid.as_deref())),
+        });
+    }
+    if let Some(node) = Api::<Node>::all(ctx.client.clone()).get_opt(node_name).await.map_err(kube_err(format!("reading node {node_name}")))? {
+        found.node = NodeIdentity::from_node(&node).ok().map(|identity| NodeFacts { identity, is_master: is_master(&node, &kcm.spec.master_selector) });
+    }
+    found.pending_revision = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).and_then(pending_revision);
+    if let Some(rev) = facts.revision.filter(|r| found.pending_revision.as_deref() == Some(*r)) {
+        let lp = ListParams::default().labels(&format!("{}={node_name}", crate::api::CSR_NODE_LABEL)).fields(&format!("spec.signerName={SIGNER_NAME}"));
+        let csrs = Api::<CertificateSigningRequest>::all(ctx.client.clone()).list(&lp).await.map_err(kube_err(format!("listing CSRs of node {node_name}")))?;
+        found.issued_for_revision = csrs
+            .items
+            .iter()
+            .filter(|c| c.name_any() != csr_name && c.annotations().get(CSR_REVISION_ANNOTATION).map(String::as_str) == Some(rev))
+            .filter(|c| c.status.as_ref().and_then(|s| s.certificate.as_ref()).is_some_and(|b| !b.0.is_empty()))
+            .map(|c| c.name_any())
+            .collect();
+    }
+    Ok(found)
+}
+
+/// The revision a node's helper is working on: its target, while neither applied nor failed.
+pub fn pending_revision(node: &NodeStatus) -> Option<String> {
+    let target = node.target_revision.as_ref()?;
+    (node.applied_revision.as_ref() != Some(target) && node.failed_revision.as_ref() != Some(target)).then(|| target.clone())
 }
 
 fn decided(csr: &CertificateSigningRequest) -> (bool, bool) {
@@ -92,30 +162,29 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
     let spec: &KubeControllerManagerSpec = &kcm.spec;
-    let policy = Policy { helper_username: ctx.config.helper_username(), key_algorithm: spec.certificate.key_algorithm };
-
-    // Look the node up only when the CSR names the node its requestor is bound to.
-    let empty = BTreeMap::new();
-    let extra = csr.spec.extra.as_ref().unwrap_or(&empty);
-    let node_label = csr.labels().get(crate::api::CSR_NODE_LABEL).cloned();
-    let node = match &node_label {
-        Some(n) => Api::<Node>::all(ctx.client.clone()).get_opt(n).await.map_err(kube_err(format!("reading node {n}")))?,
-        None => None,
+    let policy = Policy {
+        helper_username: ctx.config.helper_username(),
+        key_algorithm: spec.certificate.key_algorithm,
+        service_cidr: spec.service_cluster_ip_range.clone(),
+        max_age_secs: ctx.config.max_csr_age_secs,
     };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let empty = BTreeMap::new();
     let facts = CsrFacts {
         username: csr.spec.username.as_deref().unwrap_or(""),
-        extra,
+        extra: csr.spec.extra.as_ref().unwrap_or(&empty),
         usages: csr.spec.usages.as_deref().unwrap_or(&[]),
         request: &csr.spec.request.0,
-        node_label: node_label.as_deref(),
+        node_label: csr.labels().get(crate::api::CSR_NODE_LABEL).map(String::as_str),
+        revision: csr.annotations().get(CSR_REVISION_ANNOTATION).map(String::as_str),
+        age_secs: csr.metadata.creation_timestamp.as_ref().map_or(0, |t| now.as_second() - t.0.as_second()),
     };
-    let lookup = |n: &str| {
-        let node = node.as_ref().filter(|x| x.name_any() == n)?;
-        Some(NodeFacts { identity: NodeIdentity::from_node(node).ok()?, is_master: is_master(node, &spec.master_selector) })
-    };
+    // One decision at a time: two CSRs for the same step must not both pass the
+    // one-certificate-per-step rule before either is issued.
+    let _one = ctx.deciding.lock().await;
+    let found = lookups(&ctx, &facts, &kcm, &name).await?;
     let pp = PatchParams::default();
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let accepted = match signer::check(&facts, lookup, &policy) {
+    let accepted = match signer::check(&facts, &found, &policy) {
         Ok(a) => a,
         Err(denial) if !approved => {
             tracing::warn!(csr = %name, reason = denial.rule.reason(), "denying: {}", denial.message);
@@ -169,7 +238,7 @@ pub async fn run(client: kube::Client, config: SignerConfig) {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
     Controller::new(api, wc)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, config }))
+        .run(reconcile, error_policy, Arc::new(Ctx { client, config, deciding: Default::default() }))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("signer: {e}");

@@ -18,7 +18,7 @@ pub enum PkiError {
     Parse { what: String, reason: String },
     #[error("{what}: {source}")]
     Rcgen { what: String, source: rcgen::Error },
-    #[error("node {0} has no InternalIP or ExternalIP address")]
+    #[error("node {0} has no InternalIP address")]
     NoAddress(String),
 }
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
@@ -27,13 +27,14 @@ pub type Result<T, E = PkiError> = std::result::Result<T, E>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeIdentity {
     pub name: String,
-    pub hostname: String,
-    /// InternalIP and ExternalIP addresses of the node, InternalIP first.
+    /// The node's InternalIP addresses, in the order the kubelet reports them.
     pub ips: Vec<IpAddr>,
 }
 
-/// The SANs a master's kcm certificate carries: its own addresses, 127.0.0.1, localhost,
-/// its hostname (seed 1.2: the hosts list, narrowed to one node).
+/// The SANs a master's kcm certificate carries: its InternalIP addresses, 127.0.0.1, its
+/// node name and localhost (seed 1.2: the hosts list, narrowed to one node). No ExternalIP
+/// and no Hostname address: the kubelet writes those, and nothing inside the cluster
+/// reaches kcm by them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sans {
     pub dns: BTreeSet<String>,
@@ -45,20 +46,17 @@ impl NodeIdentity {
         let name = node.metadata.name.clone().unwrap_or_default();
         let addrs = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
         let mut ips = Vec::new();
-        for kind in ["InternalIP", "ExternalIP"] {
-            for a in addrs.iter().filter(|a| a.type_ == kind) {
-                if let Ok(ip) = a.address.parse::<IpAddr>() {
-                    if !ips.contains(&ip) {
-                        ips.push(ip);
-                    }
+        for a in addrs.iter().filter(|a| a.type_ == "InternalIP") {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
                 }
             }
         }
         if ips.is_empty() {
             return Err(PkiError::NoAddress(name));
         }
-        let hostname = addrs.iter().find(|a| a.type_ == "Hostname").map(|a| a.address.clone()).unwrap_or_else(|| name.clone());
-        Ok(Self { name, hostname, ips })
+        Ok(Self { name, ips })
     }
 
     /// The address kcm binds to on this node (`--bind-address`).
@@ -69,7 +67,7 @@ impl NodeIdentity {
     pub fn expected_sans(&self) -> Sans {
         let mut ips: BTreeSet<IpAddr> = self.ips.iter().copied().collect();
         ips.insert(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let dns = [self.hostname.clone(), "localhost".to_string()].into_iter().collect();
+        let dns = [self.name.clone(), "localhost".to_string()].into_iter().collect();
         Sans { dns, ips }
     }
 }
@@ -187,6 +185,23 @@ pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Whether `ip` lies inside `cidr` (`a.b.c.d/n` or an IPv6 prefix); an unparsable CIDR
+/// contains nothing (the CRD admits only valid ones).
+pub fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
+    let Some((net, bits)) = cidr.split_once('/') else { return false };
+    let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) else { return false };
+    let (net, addr, width) = match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => (u128::from(u32::from(n)), u128::from(u32::from(a)), 32),
+        (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+        _ => return false,
+    };
+    if bits > width {
+        return false;
+    }
+    let shift = width - bits;
+    shift >= 128 || (net >> shift) == (addr >> shift)
+}
+
 /// RFC 3339 rendering of a unix time, for status fields.
 pub fn rfc3339(unix: i64) -> String {
     k8s_openapi::jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_else(|_| unix.to_string())
@@ -197,11 +212,27 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn identity() -> NodeIdentity {
-        NodeIdentity { name: "k8smaster01".into(), hostname: "k8smaster01".into(), ips: vec!["172.24.8.71".parse().unwrap()] }
+        NodeIdentity { name: "k8smaster01".into(), ips: vec!["172.24.8.71".parse().unwrap()] }
     }
 
     #[test]
-    fn sans_are_own_ips_loopback_hostname_localhost() {
+    fn cidr_membership() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(cidr_contains("10.96.0.0/12", ip("10.96.0.1")));
+        assert!(cidr_contains("10.96.0.0/12", ip("10.111.255.255")));
+        assert!(!cidr_contains("10.96.0.0/12", ip("10.112.0.0")));
+        assert!(cidr_contains("10.254.0.0/16", ip("10.254.3.4")));
+        assert!(!cidr_contains("10.254.0.0/16", ip("172.18.0.3")));
+        assert!(cidr_contains("0.0.0.0/0", ip("1.2.3.4")));
+        assert!(cidr_contains("fd00:10:96::/112", ip("fd00:10:96::1")));
+        assert!(!cidr_contains("fd00:10:96::/112", ip("fd00:10:97::1")));
+        assert!(!cidr_contains("10.96.0.0/12", ip("fd00::1")), "families never mix");
+        assert!(!cidr_contains("nonsense", ip("10.96.0.1")));
+        assert!(!cidr_contains("10.96.0.0/40", ip("10.96.0.1")));
+    }
+
+    #[test]
+    fn sans_are_own_ips_loopback_name_localhost() {
         let s = identity().expected_sans();
         assert_eq!(s.dns.iter().map(String::as_str).collect::<Vec<_>>(), ["k8smaster01", "localhost"]);
         assert_eq!(s.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(), ["127.0.0.1", "172.24.8.71"]);
@@ -214,13 +245,14 @@ pub(crate) mod tests {
             "status": {"addresses": [
                 {"type": "Hostname", "address": "kcm-control-plane"},
                 {"type": "InternalIP", "address": "172.18.0.3"},
-                {"type": "InternalIP", "address": "fc00::3"}
+                {"type": "InternalIP", "address": "fc00::3"},
+                {"type": "ExternalIP", "address": "203.0.113.9"}
             ]}
         }))
         .unwrap();
         let id = NodeIdentity::from_node(&node).unwrap();
         assert_eq!(id.primary_ip().to_string(), "172.18.0.3");
-        assert_eq!(id.ips.len(), 2);
+        assert_eq!(id.ips.len(), 2, "InternalIP only: {:?}", id.ips);
         let bare: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
         assert!(matches!(NodeIdentity::from_node(&bare), Err(PkiError::NoAddress(n)) if n == "x"));
     }

@@ -158,6 +158,11 @@ pub fn repair_given_at(revision: &str) -> Option<i64> {
     revision.split_once("/repair-").and_then(|(_, t)| t.parse().ok())
 }
 
+/// The serial (hex) of the certificate a renewal revision (`<spec>/renew-<serial>`) replaces.
+pub fn renewal_of(revision: &str) -> Option<&str> {
+    revision.split_once("/renew-").map(|(_, serial)| serial).filter(|s| !s.is_empty())
+}
+
 /// After a failed repair, the next one waits this long (seconds) past the step's own deadline.
 pub const REPAIR_BACKOFF_SECS: i64 = 30;
 

@@ -1,6 +1,6 @@
 //! The signer for [`SIGNER_NAME`]: which CSRs are approved (every rule must hold; the
 //! first that fails names the denial), and signing with the cluster CA. Pure: the caller
-//! fetches the CSR, the node and the CA.
+//! fetches the CSR, the bound pod, the node, its step under way and the CA.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -12,28 +12,49 @@ use rcgen::{
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
 use x509_parser::public_key::PublicKey;
 
-use crate::api::{KeyAlgorithm, KCM_USER, NODE_NAME_EXTRA, SIGNER_NAME};
-use crate::pki::{ip_from_bytes, pem_block, CertInfo, NodeIdentity, PkiError, Sans};
+use crate::api::{KeyAlgorithm, KCM_USER, NODE_NAME_EXTRA, POD_NAME_EXTRA, POD_UID_EXTRA, SIGNER_NAME};
+use crate::pki::{cidr_contains, ip_from_bytes, pem_block, CertInfo, NodeIdentity, PkiError, Sans};
+
+/// A CSR older than this (seconds) is denied: a helper asks for its certificate during its
+/// step and waits for it, so an old pending request is stale or someone else's.
+pub const MAX_CSR_AGE_SECS: i64 = 300;
 
 /// The rules a CSR must pass, in the order they are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
     /// Requested by the node-helper's ServiceAccount.
     Requestor,
-    /// The requestor's token is bound to a pod on a node, and the CSR names that node.
+    /// The requestor's token is bound to a pod (pod-name, pod-uid and node-name extras), and
+    /// that pod is a helper pod on that node: owned by the helper DaemonSet, or the
+    /// operator's rescue pod for that node.
+    HelperPod,
+    /// The pod the token is bound to still exists (same uid), is not being deleted and has
+    /// not finished.
+    PodLive,
+    /// The CSR names the node its requestor's pod runs on.
     NodeBinding,
     /// That node exists and is a master.
     NodeIsMaster,
+    /// The CSR was created at most [`Policy::max_age_secs`] ago.
+    Fresh,
+    /// The node has a step under way (a target revision its helper has neither applied nor
+    /// failed), and the CSR is for that revision.
+    StepPending,
+    /// No certificate was issued to this node for that revision yet.
+    OnePerStep,
     /// The request is one PEM CSR whose signature verifies.
     RequestParses,
-    /// Subject is exactly CN=O=system:kube-controller-manager.
-    Subject,
-    /// SANs are exactly the node's addresses, 127.0.0.1, localhost and its hostname.
-    SubjectAltNames,
-    /// Usages are exactly those kcm needs.
-    Usages,
     /// Key type and size are the spec's.
     KeyAlgorithm,
+    /// Subject is exactly CN=O=system:kube-controller-manager.
+    Subject,
+    /// SANs are exactly the node's InternalIPs, 127.0.0.1, its name and localhost.
+    SubjectAltNames,
+    /// No IP SAN lies in the cluster's service range (the kubelet writes the node's
+    /// addresses: it must not get a serving certificate for, say, the `kubernetes` Service IP).
+    ServiceRange,
+    /// Usages are exactly those kcm needs.
+    Usages,
 }
 
 impl Rule {
@@ -41,13 +62,19 @@ impl Rule {
     pub fn reason(self) -> &'static str {
         match self {
             Rule::Requestor => "RequestorNotNodeHelper",
+            Rule::HelperPod => "RequestorNotHelperPod",
+            Rule::PodLive => "RequestorPodGone",
             Rule::NodeBinding => "RequestorNotBoundToNode",
             Rule::NodeIsMaster => "NodeNotMaster",
+            Rule::Fresh => "RequestTooOld",
+            Rule::StepPending => "NoPendingStep",
+            Rule::OnePerStep => "AlreadyIssuedForStep",
             Rule::RequestParses => "InvalidRequest",
+            Rule::KeyAlgorithm => "KeyAlgorithmNotAllowed",
             Rule::Subject => "SubjectMismatch",
             Rule::SubjectAltNames => "SubjectAltNamesMismatch",
+            Rule::ServiceRange => "SubjectAltNameInServiceRange",
             Rule::Usages => "UsagesMismatch",
-            Rule::KeyAlgorithm => "KeyAlgorithmNotAllowed",
         }
     }
 }
@@ -78,6 +105,20 @@ pub struct CsrFacts<'a> {
     pub request: &'a [u8],
     /// The node the CSR says it is for (its [`crate::api::CSR_NODE_LABEL`]).
     pub node_label: Option<&'a str>,
+    /// The revision the CSR says it is for (its [`crate::api::CSR_REVISION_ANNOTATION`]).
+    pub revision: Option<&'a str>,
+    /// Seconds since the CSR was created.
+    pub age_secs: i64,
+}
+
+impl CsrFacts<'_> {
+    /// The single value of a token extra, if there is exactly one.
+    pub fn single_extra(&self, key: &str) -> Option<&str> {
+        match self.extra.get(key).map(Vec::as_slice) {
+            Some([one]) => Some(one.as_str()),
+            _ => None,
+        }
+    }
 }
 
 /// What the signer knows about a node the CSR may be for.
@@ -87,12 +128,43 @@ pub struct NodeFacts {
     pub is_master: bool,
 }
 
+/// What the signer knows about the pod the requestor's token is bound to.
+#[derive(Clone, Debug)]
+pub struct PodFacts {
+    pub uid: String,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+    /// Not being deleted, and not Succeeded or Failed.
+    pub live: bool,
+    /// Owned (controller reference) by the helper DaemonSet with its current uid, or the
+    /// operator's rescue pod for its node. `Err`: why it is not.
+    pub helper: Result<(), String>,
+}
+
+/// What the caller fetched for one CSR: the bound pod, the node, the node's step under way
+/// and the CSRs already issued for it.
+#[derive(Clone, Debug, Default)]
+pub struct Lookups {
+    /// The pod named by the token's pod-name extra (None: it does not exist).
+    pub pod: Option<PodFacts>,
+    /// The node the token is bound to (None: it does not exist or has no InternalIP).
+    pub node: Option<NodeFacts>,
+    /// The node's target revision while its helper has neither applied nor failed it.
+    pub pending_revision: Option<String>,
+    /// Names of other CSRs of this signer already issued to this node for that revision.
+    pub issued_for_revision: Vec<String>,
+}
+
 /// The signer's settings.
 #[derive(Clone, Debug)]
 pub struct Policy {
     /// `system:serviceaccount:<namespace>:<name>` of the node-helper.
     pub helper_username: String,
     pub key_algorithm: KeyAlgorithm,
+    /// `serviceClusterIpRange` of the spec.
+    pub service_cidr: String,
+    /// CSRs older than this (seconds) are denied; [`MAX_CSR_AGE_SECS`] unless a test says otherwise.
+    pub max_age_secs: i64,
 }
 
 /// A CSR that passed every rule.
@@ -112,26 +184,58 @@ pub fn expected_usages(alg: KeyAlgorithm) -> &'static [&'static str] {
     }
 }
 
-/// Checks every rule; `node` looks a node up by name.
-pub fn check(csr: &CsrFacts<'_>, node: impl Fn(&str) -> Option<NodeFacts>, policy: &Policy) -> Result<Accepted, Denial> {
+/// The requestor's rules: who asks, from which pod, for which node, for which step.
+fn check_requestor(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<NodeFacts, Denial> {
     if csr.username != policy.helper_username {
         return deny(Rule::Requestor, format!("requested by {:?}, only {:?} may request", csr.username, policy.helper_username));
     }
-    let bound: Vec<&String> = csr.extra.get(NODE_NAME_EXTRA).map(|v| v.iter().collect()).unwrap_or_default();
-    let [bound] = bound.as_slice() else {
-        return deny(Rule::NodeBinding, format!("the requestor's token carries no single {NODE_NAME_EXTRA} (not a pod-bound token)"));
+    let (Some(pod_name), Some(pod_uid), Some(bound)) = (csr.single_extra(POD_NAME_EXTRA), csr.single_extra(POD_UID_EXTRA), csr.single_extra(NODE_NAME_EXTRA)) else {
+        return deny(Rule::HelperPod, format!("the requestor's token is not bound to a pod on a node (needs one {POD_NAME_EXTRA}, {POD_UID_EXTRA} and {NODE_NAME_EXTRA})"));
     };
+    let Some(pod) = found.pod.as_ref().filter(|p| p.uid == pod_uid) else {
+        return deny(Rule::PodLive, format!("the pod {pod_name:?} (uid {pod_uid}) the requestor's token is bound to no longer exists"));
+    };
+    if !pod.live {
+        return deny(Rule::PodLive, format!("the pod {pod_name:?} the requestor's token is bound to is being deleted or has finished"));
+    }
+    if let Err(why) = &pod.helper {
+        return deny(Rule::HelperPod, format!("the pod {pod_name:?} the requestor's token is bound to is not a node-helper pod: {why}"));
+    }
+    if pod.node.as_deref() != Some(bound) {
+        return deny(Rule::HelperPod, format!("the pod {pod_name:?} runs on {:?}, but the token says {bound:?}", pod.node));
+    }
     match csr.node_label {
-        Some(label) if label == bound.as_str() => {}
+        Some(label) if label == bound => {}
         Some(label) => return deny(Rule::NodeBinding, format!("CSR is for node {label:?} but was requested from a pod on node {bound:?}")),
         None => return deny(Rule::NodeBinding, "CSR does not name its node (label missing)"),
     }
-    let Some(node) = node(bound) else {
-        return deny(Rule::NodeIsMaster, format!("node {bound:?} does not exist or has no address"));
+    let Some(node) = found.node.clone().filter(|n| n.identity.name == bound) else {
+        return deny(Rule::NodeIsMaster, format!("node {bound:?} does not exist or has no InternalIP address"));
     };
     if !node.is_master {
         return deny(Rule::NodeIsMaster, format!("node {bound:?} is not selected as a master"));
     }
+    if csr.age_secs > policy.max_age_secs {
+        return deny(Rule::Fresh, format!("created {}s ago; requests older than {}s are not signed", csr.age_secs, policy.max_age_secs));
+    }
+    let Some(pending) = found.pending_revision.as_deref() else {
+        return deny(Rule::StepPending, format!("node {bound:?} has no step under way: the operator did not ask it for a certificate"));
+    };
+    if csr.revision != Some(pending) {
+        return deny(Rule::StepPending, format!("CSR is for revision {:?}, but the step under way on {bound:?} is {pending:?}", csr.revision.unwrap_or("")));
+    }
+    if !found.issued_for_revision.is_empty() {
+        return deny(
+            Rule::OnePerStep,
+            format!("node {bound:?} already got a certificate for revision {pending:?} (CSR {}); a new one needs a new step", found.issued_for_revision.join(", ")),
+        );
+    }
+    Ok(node)
+}
+
+/// Checks every rule against what the caller looked up.
+pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Accepted, Denial> {
+    let node = check_requestor(csr, found, policy)?;
 
     let der = pem_block(csr.request, "CERTIFICATE REQUEST", "request").map_err(|e| Denial { rule: Rule::RequestParses, message: e.to_string() })?;
     let (rest, req) = X509CertificationRequest::from_der(&der)
@@ -139,11 +243,31 @@ pub fn check(csr: &CsrFacts<'_>, node: impl Fn(&str) -> Option<NodeFacts>, polic
     if !rest.is_empty() {
         return deny(Rule::RequestParses, "trailing bytes after the request");
     }
+    let info = &req.certification_request_info;
+    // The key before the signature: a key we refuse (say RSA-1024) may not even verify.
+    let key = match info.subject_pki.parsed() {
+        Ok(PublicKey::RSA(rsa)) => format!("RSA-{}", rsa.key_size()),
+        Ok(PublicKey::EC(point)) => {
+            let curve = info.subject_pki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7") => format!("ECDSA-P256/{}", point.key_size()),
+                other => format!("ECDSA-{}", other.unwrap_or("unknown-curve")),
+            }
+        }
+        Ok(other) => format!("{other:?}").split('(').next().unwrap_or("unknown").to_string(),
+        Err(e) => return deny(Rule::RequestParses, format!("cannot read public key: {e}")),
+    };
+    let allowed = match policy.key_algorithm {
+        KeyAlgorithm::Rsa2048 => "RSA-2048",
+        KeyAlgorithm::EcdsaP256 => "ECDSA-P256/256",
+    };
+    if key != allowed {
+        return deny(Rule::KeyAlgorithm, format!("key must be {allowed}; got {key}"));
+    }
     if req.verify_signature().is_err() {
         return deny(Rule::RequestParses, "the request's signature does not verify");
     }
 
-    let info = &req.certification_request_info;
     let mut cn = Vec::new();
     let mut org = Vec::new();
     let mut other = Vec::new();
@@ -193,31 +317,15 @@ pub fn check(csr: &CsrFacts<'_>, node: impl Fn(&str) -> Option<NodeFacts>, polic
             format!("SANs must be exactly DNS {:?} IP {:?}; got DNS {:?} IP {:?}", want.dns, want.ips, sans.dns, sans.ips),
         );
     }
+    let inside: Vec<String> = sans.ips.iter().filter(|ip| cidr_contains(&policy.service_cidr, **ip)).map(|ip| ip.to_string()).collect();
+    if !inside.is_empty() {
+        return deny(Rule::ServiceRange, format!("IP SAN(s) {inside:?} lie in the service range {}", policy.service_cidr));
+    }
 
     let wanted: BTreeSet<&str> = expected_usages(policy.key_algorithm).iter().copied().collect();
     let got: BTreeSet<&str> = csr.usages.iter().map(String::as_str).collect();
     if got != wanted || got.len() != csr.usages.len() {
         return deny(Rule::Usages, format!("usages must be exactly {wanted:?}; got {:?}", csr.usages));
-    }
-
-    let key = match info.subject_pki.parsed() {
-        Ok(PublicKey::RSA(rsa)) => format!("RSA-{}", rsa.key_size()),
-        Ok(PublicKey::EC(point)) => {
-            let curve = info.subject_pki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
-            match curve.as_deref() {
-                Some("1.2.840.10045.3.1.7") => format!("ECDSA-P256/{}", point.key_size()),
-                other => format!("ECDSA-{}", other.unwrap_or("unknown-curve")),
-            }
-        }
-        Ok(other) => format!("{other:?}").split('(').next().unwrap_or("unknown").to_string(),
-        Err(e) => return deny(Rule::RequestParses, format!("cannot read public key: {e}")),
-    };
-    let allowed = match policy.key_algorithm {
-        KeyAlgorithm::Rsa2048 => "RSA-2048",
-        KeyAlgorithm::EcdsaP256 => "ECDSA-P256/256",
-    };
-    if key != allowed {
-        return deny(Rule::KeyAlgorithm, format!("key must be {allowed}; got {key}"));
     }
 
     Ok(Accepted { node: node.identity.name.clone(), sans, usages: csr.usages.to_vec(), csr_der: der })
@@ -294,18 +402,15 @@ mod tests {
     const HELPER: &str = "system:serviceaccount:kcm-operator:kcm-node-helper";
 
     fn policy(alg: KeyAlgorithm) -> Policy {
-        Policy { helper_username: HELPER.into(), key_algorithm: alg }
+        Policy { helper_username: HELPER.into(), key_algorithm: alg, service_cidr: "10.254.0.0/16".into(), max_age_secs: MAX_CSR_AGE_SECS }
     }
 
-    fn lookup(name: &str) -> Option<NodeFacts> {
-        match name {
-            "k8smaster01" => Some(NodeFacts { identity: identity(), is_master: true }),
-            "worker1" => Some(NodeFacts {
-                identity: NodeIdentity { name: "worker1".into(), hostname: "worker1".into(), ips: vec!["172.24.8.90".parse().unwrap()] },
-                is_master: false,
-            }),
-            _ => None,
-        }
+    fn master() -> NodeFacts {
+        NodeFacts { identity: identity(), is_master: true }
+    }
+
+    fn helper_pod() -> PodFacts {
+        PodFacts { uid: "uid-1".into(), node: Some("k8smaster01".into()), live: true, helper: Ok(()) }
     }
 
     struct Case {
@@ -314,6 +419,9 @@ mod tests {
         usages: Vec<String>,
         request: Vec<u8>,
         label: Option<String>,
+        revision: Option<String>,
+        age_secs: i64,
+        found: Lookups,
     }
 
     impl Case {
@@ -323,12 +431,20 @@ mod tests {
             Self::with_csr(alg, make_csr(&key, &identity().expected_sans()).unwrap())
         }
         fn with_csr(alg: KeyAlgorithm, pem: String) -> Self {
+            let one = |v: &str| vec![v.to_string()];
             Case {
                 username: HELPER.into(),
-                extra: BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec!["k8smaster01".to_string()])]),
+                extra: BTreeMap::from([
+                    (NODE_NAME_EXTRA.to_string(), one("k8smaster01")),
+                    (POD_NAME_EXTRA.to_string(), one("kcm-node-helper-abcde")),
+                    (POD_UID_EXTRA.to_string(), one("uid-1")),
+                ]),
                 usages: expected_usages(alg).iter().map(|s| s.to_string()).collect(),
                 request: pem.into_bytes(),
                 label: Some("k8smaster01".into()),
+                revision: Some("rev1".into()),
+                age_secs: 2,
+                found: Lookups { pod: Some(helper_pod()), node: Some(master()), pending_revision: Some("rev1".into()), issued_for_revision: vec![] },
             }
         }
         fn check(&self, alg: KeyAlgorithm) -> Result<Accepted, Denial> {
@@ -338,8 +454,10 @@ mod tests {
                 usages: &self.usages,
                 request: &self.request,
                 node_label: self.label.as_deref(),
+                revision: self.revision.as_deref(),
+                age_secs: self.age_secs,
             };
-            check(&facts, lookup, &policy(alg))
+            check(&facts, &self.found, &policy(alg))
         }
     }
 
@@ -373,6 +491,21 @@ mod tests {
             SanType::IpAddress("172.24.8.71".parse().unwrap()),
         ]
     }
+    /// `openssl req -new -newkey rsa:1024` with the good subject and SANs (rcgen makes no
+    /// RSA-1024 keys).
+    const RSA_1024_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIB0jCCATsCAQAwUjEnMCUGA1UEAwwec3lzdGVtOmt1YmUtY29udHJvbGxlci1t
+YW5hZ2VyMScwJQYDVQQKDB5zeXN0ZW06a3ViZS1jb250cm9sbGVyLW1hbmFnZXIw
+gZ8wDQYJKoZIhvcNAQEBBQADgY0AMIGJAoGBAKj8GZuBSYiNQcC0ftN6osVvUxjz
+NSR0+K2KC/o1kPCdgCRA0pKS7pzp4geXu4TQ+hMwAQvCGDTNX1EkpnYN/KTVEhNS
+/EhYnjtc+KzU5NbvU1VPCTkWZND3UXiBW5i0M15tFuqmSEPYdxjWbyfv3TPByzIv
++w52CAyfOYpOIFqLAgMBAAGgQDA+BgkqhkiG9w0BCQ4xMTAvMC0GA1UdEQQmMCSC
+C2s4c21hc3RlcjAxgglsb2NhbGhvc3SHBH8AAAGHBKwYCEcwDQYJKoZIhvcNAQEL
+BQADgYEAMPgUrqDDTK5MLmZaKZxspaGbkupfdlhVe2dfP/Mmqwy1xUgd8YHJFzkD
+0ZTPf4lvR0Jdepu/E1Txt/xEYDocESyaUv/pu49ca1SsyhxF1Z5/Zy0dKwE0fXvV
+dK4FTmIdaV6yOlLhA+/52MMrUPZ06lC3QDo03leA74QWd1ss4+k=
+-----END CERTIFICATE REQUEST-----
+";
     const KCM_DN: &[(DnType, &str)] = &[(DnType::CommonName, KCM_USER), (DnType::OrganizationName, KCM_USER)];
 
     #[test]
@@ -384,6 +517,29 @@ mod tests {
     }
 
     #[test]
+    fn every_rule_has_its_own_reason() {
+        let all = [
+            Rule::Requestor,
+            Rule::HelperPod,
+            Rule::PodLive,
+            Rule::NodeBinding,
+            Rule::NodeIsMaster,
+            Rule::Fresh,
+            Rule::StepPending,
+            Rule::OnePerStep,
+            Rule::RequestParses,
+            Rule::KeyAlgorithm,
+            Rule::Subject,
+            Rule::SubjectAltNames,
+            Rule::ServiceRange,
+            Rule::Usages,
+        ];
+        let reasons: BTreeSet<&str> = all.iter().map(|r| r.reason()).collect();
+        assert_eq!(reasons.len(), all.len());
+        assert!(reasons.iter().all(|r| r.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && r.chars().all(|c| c.is_ascii_alphanumeric())));
+    }
+
+    #[test]
     fn rule_requestor() {
         let mut c = Case::good(KeyAlgorithm::EcdsaP256);
         c.username = "system:serviceaccount:default:default".into();
@@ -391,11 +547,42 @@ mod tests {
     }
 
     #[test]
-    fn rule_node_binding() {
+    fn rule_helper_pod() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        // A token bound to a Secret (or not bound at all): no pod extras.
+        for key in [POD_NAME_EXTRA, POD_UID_EXTRA, NODE_NAME_EXTRA] {
+            let mut c = Case::good(alg);
+            c.extra.remove(key);
+            denied(&c, alg, Rule::HelperPod);
+        }
+        // Bound to a pod that is not a helper (an admin minted it for some other pod).
+        let mut c = Case::good(alg);
+        c.found.pod.as_mut().unwrap().helper = Err("not owned by DaemonSet kcm-node-helper".into());
+        assert!(denied(&c, alg, Rule::HelperPod).contains("not owned"));
+        // The pod runs on another node than the token says.
+        let mut c = Case::good(alg);
+        c.found.pod.as_mut().unwrap().node = Some("k8smaster02".into());
+        denied(&c, alg, Rule::HelperPod);
+    }
+
+    #[test]
+    fn rule_pod_live() {
         let alg = KeyAlgorithm::EcdsaP256;
         let mut c = Case::good(alg);
-        c.extra.clear();
-        denied(&c, alg, Rule::NodeBinding);
+        c.found.pod = None;
+        denied(&c, alg, Rule::PodLive);
+        // Same name, new pod: the token's uid is the deleted one's.
+        let mut c = Case::good(alg);
+        c.found.pod.as_mut().unwrap().uid = "uid-2".into();
+        denied(&c, alg, Rule::PodLive);
+        let mut c = Case::good(alg);
+        c.found.pod.as_mut().unwrap().live = false;
+        denied(&c, alg, Rule::PodLive);
+    }
+
+    #[test]
+    fn rule_node_binding() {
+        let alg = KeyAlgorithm::EcdsaP256;
         let mut c = Case::good(alg);
         c.label = Some("k8smaster02".into());
         assert!(denied(&c, alg, Rule::NodeBinding).contains("k8smaster02"));
@@ -408,12 +595,50 @@ mod tests {
     fn rule_node_is_master() {
         let alg = KeyAlgorithm::EcdsaP256;
         let mut c = Case::good(alg);
-        c.extra.insert(NODE_NAME_EXTRA.into(), vec!["worker1".into()]);
-        c.label = Some("worker1".into());
+        c.found.node.as_mut().unwrap().is_master = false;
         denied(&c, alg, Rule::NodeIsMaster);
-        c.extra.insert(NODE_NAME_EXTRA.into(), vec!["ghost".into()]);
-        c.label = Some("ghost".into());
+        c.found.node = None;
         denied(&c, alg, Rule::NodeIsMaster);
+    }
+
+    #[test]
+    fn rule_fresh() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        let mut c = Case::good(alg);
+        c.age_secs = MAX_CSR_AGE_SECS;
+        c.check(alg).unwrap();
+        c.age_secs = MAX_CSR_AGE_SECS + 1;
+        denied(&c, alg, Rule::Fresh);
+    }
+
+    #[test]
+    fn rule_step_pending_and_one_per_step() {
+        let alg = KeyAlgorithm::EcdsaP256;
+        // No step under way: nobody asked this node for a certificate.
+        let mut c = Case::good(alg);
+        c.found.pending_revision = None;
+        denied(&c, alg, Rule::StepPending);
+        // A step under way, but the CSR names another (or no) revision.
+        let mut c = Case::good(alg);
+        c.revision = Some("rev0".into());
+        denied(&c, alg, Rule::StepPending);
+        c.revision = None;
+        denied(&c, alg, Rule::StepPending);
+        // A second certificate for the same step.
+        let mut c = Case::good(alg);
+        c.found.issued_for_revision = vec!["kcm-k8smaster01-1234".into()];
+        assert!(denied(&c, alg, Rule::OnePerStep).contains("kcm-k8smaster01-1234"));
+    }
+
+    #[test]
+    fn rule_service_range() {
+        // A kubelet that reports the `kubernetes` Service IP as its InternalIP.
+        let alg = KeyAlgorithm::EcdsaP256;
+        let id = NodeIdentity { name: "k8smaster01".into(), ips: vec!["10.254.0.1".parse().unwrap()] };
+        let key = generate_key(alg).unwrap();
+        let mut c = Case::with_csr(alg, make_csr(&key, &id.expected_sans()).unwrap());
+        c.found.node = Some(NodeFacts { identity: id, is_master: true });
+        assert!(denied(&c, alg, Rule::ServiceRange).contains("10.254.0.1"));
     }
 
     #[test]
@@ -498,6 +723,9 @@ mod tests {
         assert!(denied(&c, KeyAlgorithm::Rsa2048, Rule::KeyAlgorithm).contains("ECDSA"));
         let c = Case::with_csr(KeyAlgorithm::EcdsaP256, csr_with(good_sans(), KCM_DN, &rcgen::PKCS_ECDSA_P384_SHA384));
         denied(&c, KeyAlgorithm::EcdsaP256, Rule::KeyAlgorithm);
+        // RSA-1024 is refused by the key rule (its signature may not even verify).
+        let c = Case::with_csr(KeyAlgorithm::Rsa2048, RSA_1024_CSR.into());
+        assert!(denied(&c, KeyAlgorithm::Rsa2048, Rule::KeyAlgorithm).contains("RSA-1024"));
     }
 
     fn test_ca() -> (String, String) {
