@@ -11,7 +11,7 @@ use k8s_openapi::ByteString;
 use kcm_operator::api::{KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, SIGNER_NAME};
 use kcm_operator::flags::{parse_help, FlagError, KcmVersion};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity, PkiError};
-use kcm_operator::render::{self, ClientCredentials, NodeFiles};
+use kcm_operator::render::{self, ClientCredentials, NodeFiles, RenderError};
 use kcm_operator::signer::expected_usages;
 use kube::api::{Api, ObjectMeta, PostParams};
 
@@ -25,6 +25,8 @@ pub enum InstallError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Flags(#[from] FlagError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
     #[error("running {binary} {arg}: {reason}")]
     Kcm { binary: String, arg: &'static str, reason: String },
     #[error("{what}: {source}")]
@@ -57,12 +59,16 @@ pub struct Paths {
 
 impl Paths {
     pub fn resolve(host: &HostFs, spec: &KubeControllerManagerSpec) -> Result<Self> {
+        // A control character in a path (or anything else the unit carries) is refused first.
+        render::refuse_control_in_spec(spec).map_err(RenderError::from)?;
         // The paths the unit only names (kcm reads them) must be well-formed too.
         for (name, path) in spec.paths.all() {
             if !path.is_empty() {
                 host.resolve(name, path)?;
             }
         }
+        // The kcm binary, which systemd runs as root, too; it may lie outside the roots written under.
+        HostFs::new(host.root(), vec!["/".into()]).resolve("binaryPath", &spec.kcm.binary_path)?;
         let p = &spec.paths;
         Ok(Self {
             ca_cert: host.resolve("caCert", &p.ca_cert)?,

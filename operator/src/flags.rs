@@ -19,16 +19,62 @@ impl Flag {
     pub fn bare(name: &str) -> Self {
         Self { name: name.into(), value: None }
     }
-    /// The flag as one argument, quoted for a systemd `ExecStart=` line where needed.
-    pub fn render(&self) -> String {
+    /// The flag as one argument of a systemd `ExecStart=` line (see [`exec_word`]).
+    /// A control character in its name or value is refused.
+    pub fn render(&self) -> Result<String, UnitValueError> {
+        let name = exec_word("flag name", &self.name)?;
         match &self.value {
-            None => format!("--{}", self.name),
-            Some(v) if v.is_empty() => format!("--{}=\"\"", self.name),
-            Some(v) if v.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') => {
-                format!("--{}=\"{}\"", self.name, v.replace('\\', "\\\\").replace('"', "\\\""))
-            }
-            Some(v) => format!("--{}={}", self.name, v),
+            None => Ok(format!("--{name}")),
+            Some(v) => Ok(format!("--{name}={}", exec_word(&format!("flag --{}", self.name), v)?)),
         }
+    }
+}
+
+/// A value refused for a master's files: systemd would not read it back as written (or, for
+/// a control character, would read more into it: a newline starts a new unit setting).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field} {value:?} is refused: {reason}")]
+pub struct UnitValueError {
+    /// What the value is: the spec field (`kcm.workingDir`) or the flag (`flag --v`).
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl UnitValueError {
+    pub fn new(field: &str, value: &str, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), value: value.into(), reason: reason.into() }
+    }
+}
+
+/// Refuses any control character (C0, DEL, C1) in `value`. In a unit file a newline ends the
+/// setting and starts another one (`ExecStartPre=`, run as root); systemd splits on tabs and
+/// cuts at NUL.
+pub fn refuse_control(field: &str, value: &str) -> Result<(), UnitValueError> {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(UnitValueError::new(field, value, format!("it contains the control character U+{:04X}, which systemd cannot take literally", u32::from(c)))),
+        None => Ok(()),
+    }
+}
+
+/// `value` with `%` doubled: systemd expands `%` specifiers (`%n`, `%h`, ...) in the command
+/// line and in paths such as `WorkingDirectory=`; `%%` is a literal `%`.
+pub fn escape_specifiers(value: &str) -> String {
+    value.replace('%', "%%")
+}
+
+/// `value` as one word of a systemd command line (systemd.service(5) "Command lines",
+/// systemd.syntax(7)) that systemd passes on literally as one argument: `%` doubled
+/// (specifiers), `$` doubled (environment variable substitution), and, when it is empty or
+/// holds whitespace, quotes or backslashes, double-quoted with `\` and `"` escaped as `\\`
+/// and `\"`. A control character is refused: no quoting carries it.
+pub fn exec_word(field: &str, value: &str) -> Result<String, UnitValueError> {
+    refuse_control(field, value)?;
+    let word = escape_specifiers(value).replace('$', "$$");
+    if word.is_empty() || word.chars().any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\')) {
+        Ok(format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\"")))
+    } else {
+        Ok(word)
     }
 }
 
@@ -263,11 +309,44 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    fn rendered(f: Flag) -> String {
+        f.render().unwrap()
+    }
+
     #[test]
     fn render_quotes_what_systemd_would_split() {
-        assert_eq!(Flag::new("requestheader-allowed-names", "").render(), "--requestheader-allowed-names=\"\"");
-        assert_eq!(Flag::new("x", "a b").render(), "--x=\"a b\"");
-        assert_eq!(Flag::bare("profiling").render(), "--profiling");
-        assert_eq!(Flag::new("controllers", "*,bootstrapsigner").render(), "--controllers=*,bootstrapsigner");
+        assert_eq!(rendered(Flag::new("requestheader-allowed-names", "")), "--requestheader-allowed-names=\"\"");
+        assert_eq!(rendered(Flag::new("x", "a b")), "--x=\"a b\"");
+        assert_eq!(rendered(Flag::bare("profiling")), "--profiling");
+        assert_eq!(rendered(Flag::new("controllers", "*,bootstrapsigner")), "--controllers=*,bootstrapsigner");
+    }
+
+    #[test]
+    fn render_escapes_what_systemd_would_expand_or_unquote() {
+        // Specifiers: `%%` is a literal `%`.
+        assert_eq!(rendered(Flag::new("x", "50%n")), "--x=50%%n");
+        // Environment variables: `$$` is a literal `$`.
+        assert_eq!(rendered(Flag::new("x", "$HOME${PATH}")), "--x=$$HOME$${PATH}");
+        // Backslashes and quotes: one double-quoted word, `\\` and `\"` inside.
+        assert_eq!(rendered(Flag::new("x", r"C:\dir")), r#"--x="C:\\dir""#);
+        assert_eq!(rendered(Flag::new("x", r#"say "hi""#)), r#"--x="say \"hi\"""#);
+        assert_eq!(rendered(Flag::new("x", "it's")), r#"--x="it's""#);
+        assert_eq!(rendered(Flag::new("x", r#"%$\""#)), r#"--x="%%$$\\\"""#);
+        // A trailing backslash stays inside the quotes: not a line continuation.
+        assert_eq!(rendered(Flag::new("x", r"a\")), r#"--x="a\\""#);
+        assert_eq!(rendered(Flag::new("x%", "1")), "--x%%=1");
+    }
+
+    #[test]
+    fn render_refuses_control_characters_in_name_and_value() {
+        for c in ['\n', '\r', '\0', '\t', '\x1b', '\x7f', '\u{85}'] {
+            let err = Flag::new("x", format!("/a{c}ExecStartPre=/bin/sh")).render().unwrap_err();
+            assert_eq!(err.field, "flag --x", "{err}");
+            assert!(err.to_string().contains(&format!("U+{:04X}", u32::from(c))), "{err}");
+            let err = Flag::new(&format!("x{c}y"), "1").render().unwrap_err();
+            assert_eq!(err.field, "flag name", "{err}");
+            let err = Flag::bare(&format!("x{c}")).render().unwrap_err();
+            assert_eq!(err.field, "flag name", "{err}");
+        }
     }
 }

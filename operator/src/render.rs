@@ -8,7 +8,16 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::{KubeControllerManagerSpec, KubeconfigMode, KCM_USER};
-use crate::flags::{translate, Flag, FlagError, KcmVersion, Translated};
+use crate::flags::{escape_specifiers, exec_word, refuse_control, translate, Flag, FlagError, KcmVersion, Translated, UnitValueError};
+
+/// Why a node's files cannot be rendered. Nothing is written then.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    #[error(transparent)]
+    Value(#[from] UnitValueError),
+}
 
 /// The seed's flag set (section 1.5), in the seed's order and with the seed's names,
 /// filled from the spec for the node whose IP is `node_ip`; then `removedArgs` taken out
@@ -65,19 +74,69 @@ pub fn seed_flags(spec: &KubeControllerManagerSpec, node_ip: IpAddr) -> Vec<Flag
     flags
 }
 
-/// The unit file of section 1.5/1.6, for one node.
-pub fn unit(spec: &KubeControllerManagerSpec, flags: &[Flag]) -> String {
+/// The spec's free-text fields that reach the master (paths, the kcm binary and working
+/// directory, flag values, the kubeconfig), by their name in the spec.
+pub fn spec_text(spec: &KubeControllerManagerSpec) -> Vec<(String, &str)> {
+    let mut fields: Vec<(String, &str)> = spec.paths.all().into_iter().map(|(name, path)| (format!("paths.{name}"), path)).collect();
+    fields.extend([
+        ("kcm.binaryPath".to_string(), spec.kcm.binary_path.as_str()),
+        ("kcm.workingDir".to_string(), spec.kcm.working_dir.as_str()),
+        ("apiserverUrl".to_string(), spec.apiserver_url.as_str()),
+        ("clusterName".to_string(), spec.cluster_name.as_str()),
+        ("serviceClusterIpRange".to_string(), spec.service_cluster_ip_range.as_str()),
+    ]);
+    fields
+}
+
+/// Refuses a control character in any of [`spec_text`]: the CRD refuses them, but a spec
+/// may bypass it (an older CRD).
+pub fn refuse_control_in_spec(spec: &KubeControllerManagerSpec) -> Result<(), UnitValueError> {
+    spec_text(spec).into_iter().try_for_each(|(field, value)| refuse_control(&field, value))
+}
+
+/// `WorkingDirectory=`: systemd expands specifiers in it but does not unquote it, strips
+/// surrounding whitespace, reads a leading `-` or `~` and a trailing `\` as syntax.
+fn working_directory(dir: &str) -> Result<String, UnitValueError> {
+    let field = "kcm.workingDir";
+    refuse_control(field, dir)?;
+    if !dir.starts_with('/') {
+        return Err(UnitValueError::new(field, dir, "it must be an absolute path"));
+    }
+    if dir.ends_with(|c: char| c.is_whitespace() || c == '\\') {
+        return Err(UnitValueError::new(field, dir, "systemd would drop a trailing blank or read a trailing backslash as a line continuation"));
+    }
+    Ok(escape_specifiers(dir))
+}
+
+/// The executable of `ExecStart=`: one command-line word, except that systemd does not
+/// substitute `$` in it (so `$$` would stay doubled) and reads a leading `-`, `@`, `+`, `!`
+/// or `:` as a prefix.
+fn executable(path: &str) -> Result<String, UnitValueError> {
+    let field = "kcm.binaryPath";
+    if !path.starts_with('/') {
+        return Err(UnitValueError::new(field, path, "it must be an absolute path"));
+    }
+    if path.contains('$') {
+        return Err(UnitValueError::new(field, path, "systemd would substitute a '$' in the process's argv[0] but not in the executed path"));
+    }
+    exec_word(field, path)
+}
+
+/// The unit file of section 1.5/1.6, for one node. Every value is written so that systemd
+/// reads it back literally (see [`exec_word`]); a control character anywhere is refused.
+pub fn unit(spec: &KubeControllerManagerSpec, flags: &[Flag]) -> Result<String, RenderError> {
+    refuse_control_in_spec(spec)?;
     let mut s = String::from(
         "[Unit]\nDescription=Kubernetes Controller Manager\nDocumentation=https://github.com/GoogleCloudPlatform/kubernetes\n\n[Service]\n",
     );
-    s.push_str(&format!("WorkingDirectory={}\n", spec.kcm.working_dir));
-    s.push_str(&format!("ExecStart={}", spec.kcm.binary_path));
+    s.push_str(&format!("WorkingDirectory={}\n", working_directory(&spec.kcm.working_dir)?));
+    s.push_str(&format!("ExecStart={}", executable(&spec.kcm.binary_path)?));
     for f in flags {
         s.push_str(" \\\n  ");
-        s.push_str(&f.render());
+        s.push_str(&f.render()?);
     }
     s.push_str("\nRestart=on-failure\nRestartSec=5\n\n[Install]\nWantedBy=multi-user.target\n");
-    s
+    Ok(s)
 }
 
 /// How the kubeconfig carries the client certificate.
@@ -188,9 +247,13 @@ pub fn node_files(
     node_ip: IpAddr,
     version: KcmVersion,
     accepted: Option<&std::collections::BTreeSet<String>>,
-) -> Result<NodeFiles, FlagError> {
-    let flags = translate(&seed_flags(spec, node_ip), version, accepted)?;
-    Ok(NodeFiles { unit: unit(spec, &flags.flags), flags })
+) -> Result<NodeFiles, RenderError> {
+    let seed = seed_flags(spec, node_ip);
+    // Whatever systemd cannot be given literally is refused, naming its field, before a flag
+    // is matched against kcm's --help.
+    unit(spec, &seed)?;
+    let flags = translate(&seed, version, accepted)?;
+    Ok(NodeFiles { unit: unit(spec, &flags.flags)?, flags })
 }
 
 /// Short, stable digest of the spec fields that shape the files on a master: the
@@ -334,6 +397,91 @@ WantedBy=multi-user.target
         assert_eq!(v["users"][0]["user"]["client-certificate-data"], "Qw==");
         assert_eq!(v["users"][0]["user"]["client-key-data"], "Sw==");
         assert!(v["users"][0]["user"].get("client-certificate").is_none());
+    }
+
+    /// The control characters every value is tried with: newline, carriage return, NUL, and a
+    /// tab, ESC, DEL, C1 NEL for good measure.
+    const CONTROL: [char; 7] = ['\n', '\r', '\0', '\t', '\x1b', '\x7f', '\u{85}'];
+
+    fn render_err(spec: &KubeControllerManagerSpec) -> UnitValueError {
+        match node_files(spec, ip(), KcmVersion::new(1, 33, 13), None) {
+            Err(RenderError::Value(e)) => e,
+            other => panic!("expected a refused value, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_characters_in_working_dir_and_binary_path_are_refused() {
+        for c in CONTROL {
+            let mut spec = seed_spec();
+            spec.kcm.working_dir = format!("/x{c}ExecStartPre=/bin/sh -c 'touch /pwned'");
+            let e = render_err(&spec);
+            assert_eq!(e.field, "kcm.workingDir", "{e}");
+            assert!(e.reason.contains(&format!("U+{:04X}", u32::from(c))), "{e}");
+            let mut spec = seed_spec();
+            spec.kcm.binary_path = format!("/opt/k8s/bin/kcm{c}ExecStartPre=/bin/sh");
+            assert_eq!(render_err(&spec).field, "kcm.binaryPath");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_any_path_are_refused() {
+        for (name, _) in HostPaths::default().all() {
+            for c in CONTROL {
+                let mut v = serde_json::to_value(seed_spec()).unwrap();
+                v["paths"][name] = format!("/etc/kubernetes/a{c}b").into();
+                let spec: KubeControllerManagerSpec = serde_json::from_value(v).unwrap();
+                assert_eq!(render_err(&spec).field, format!("paths.{name}"));
+                assert!(unit(&spec, &[]).is_err(), "unit() refuses paths.{name} on its own");
+            }
+        }
+    }
+
+    #[test]
+    fn control_characters_in_flag_names_and_values_are_refused() {
+        for c in CONTROL {
+            let mut spec = seed_spec();
+            spec.kcm.extra_args.insert(format!("v{c}ExecStartPre=/bin/sh"), "4".into());
+            let e = render_err(&spec);
+            assert_eq!(e.field, "flag name", "{e}");
+            let mut spec = seed_spec();
+            spec.kcm.extra_args.insert("v".into(), format!("4{c}ExecStartPre=/bin/sh"));
+            assert_eq!(render_err(&spec).field, "flag --v");
+            // Also when the flags come straight to unit(), and when kcm's --help is consulted.
+            assert!(unit(&seed_spec(), &[Flag::new("x", format!("1{c}"))]).is_err());
+            let accepted = std::collections::BTreeSet::from(["v".to_string()]);
+            assert!(matches!(node_files(&spec, ip(), KcmVersion::new(1, 33, 13), Some(&accepted)), Err(RenderError::Value(_))));
+        }
+    }
+
+    #[test]
+    fn systemd_specials_are_escaped_in_the_unit() {
+        let mut spec = seed_spec();
+        spec.kcm.working_dir = "/data/k8s/50%n dir".into();
+        spec.kcm.binary_path = r#"/opt/k8s/my bin/kcm%i"#.into();
+        spec.kcm.extra_args.insert("feature-gates".into(), r#"A=%h$HOME\"x""#.into());
+        let unit = node_files(&spec, ip(), KcmVersion::new(1, 33, 13), None).unwrap().unit;
+        let lines: Vec<&str> = unit.lines().collect();
+        assert!(lines.contains(&"WorkingDirectory=/data/k8s/50%%n dir"), "{unit}");
+        assert!(lines.contains(&r#"ExecStart="/opt/k8s/my bin/kcm%%i" \"#), "{unit}");
+        // The appended flag ends the command line.
+        assert!(lines.contains(&r#"  --feature-gates="A=%%h$$HOME\\\"x\"""#), "{unit}");
+    }
+
+    #[test]
+    fn what_systemd_cannot_take_literally_is_refused() {
+        let refused = |f: fn(&mut KubeControllerManagerSpec)| {
+            let mut spec = seed_spec();
+            f(&mut spec);
+            render_err(&spec)
+        };
+        assert_eq!(refused(|s| s.kcm.working_dir = r"/data/k8s\".into()).field, "kcm.workingDir");
+        assert_eq!(refused(|s| s.kcm.working_dir = "/data/k8s ".into()).field, "kcm.workingDir");
+        assert_eq!(refused(|s| s.kcm.working_dir = "-/data/k8s".into()).field, "kcm.workingDir");
+        assert_eq!(refused(|s| s.kcm.binary_path = "/opt/$X/kcm".into()).field, "kcm.binaryPath");
+        assert_eq!(refused(|s| s.kcm.binary_path = "-/opt/kcm".into()).field, "kcm.binaryPath");
+        assert_eq!(refused(|s| s.apiserver_url = "https://x:6443\n".into()).field, "apiserverUrl");
+        assert_eq!(refused(|s| s.cluster_name = "k\r".into()).field, "clusterName");
     }
 
     #[test]
