@@ -27,14 +27,20 @@ fn run(api: &ApiServer, args: &[&str], stdin: Option<&str>) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[tokio::test]
-async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
+/// A real apiserver with the CRD (its CEL rules compiled and accepted) and the namespace.
+async fn apiserver_with_crd() -> ApiServer {
     let api = ApiServer::start().await.expect("API tier starts");
     // A server-side dry run creates nothing, so what the rest is created in goes first.
     let (ok, out) = run(&api, &["apply", "-f", "manifests/base/crd.yaml", "-f", "manifests/base/namespace.yaml"], None);
     assert!(ok, "CRD and namespace apply: {out}");
     let (ok, out) = run(&api, &["wait", "--for=condition=Established", "--timeout=30s", "crd/kubecontrollermanagers.kcm.kcm-operator.io"], None);
     assert!(ok, "CRD established: {out}");
+    api
+}
+
+#[tokio::test]
+async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
+    let api = apiserver_with_crd().await;
     for k in ["manifests/", "manifests/kind/"] {
         let (ok, out) = run(&api, &["apply", "--dry-run=server", "-k", k], None);
         println!("dry-run -k {k}:\n{out}");
@@ -47,7 +53,9 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
     let cases = [
         (cr("kube-controller-manager", "  apiserverUrl: http://10.0.0.1:6443\n"), "apiserverUrl must be an https:// URL"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: banana\n"), "serviceClusterIpRange must be a CIDR"),
-        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  paths:\n    cert: ../../etc/shadow\n"), "every path must be absolute"),
+        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  paths:\n    cert: ../../etc/shadow\n"), "paths.cert must be an absolute path"),
+        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    binaryPath: /opt/k8s/../../bin/sh\n"), "kcm.binaryPath must be an absolute path"),
+        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    workingDir: data/k8s\n"), "kcm.workingDir must be an absolute path"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    extraArgs:\n      --v: \"4\"\n"), "flag names are lowercase"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  certificate:\n    keyAlgorithm: DSA\n"), "keyAlgorithm"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    securePort: 70000\n"), "securePort"),
@@ -61,4 +69,44 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
     }
     let (ok, out) = run(&api, &["apply", "--dry-run=server"], Some(&cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n")));
     assert!(ok, "minimal CR rejected: {out}");
+}
+
+/// Issue 8, "No injection": writing the CR is root on every master, so no control character
+/// reaches the unit through the CRD. A newline in `workingDir` would otherwise add an
+/// `ExecStartPre=` that systemd runs as root, past the `--help` allow-list.
+#[tokio::test]
+async fn control_characters_are_refused_by_the_crd_on_a_real_apiserver() {
+    let api = apiserver_with_crd().await;
+    let kind_cr = "manifests/kind/kubecontrollermanager.yaml";
+    let (ok, out) = run(&api, &["apply", "--dry-run=server", "-f", kind_cr], None);
+    assert!(ok, "the kind CR is refused: {out}");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let good: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo.join(kind_cr)).unwrap()).unwrap();
+
+    // Sent as JSON, so each control character travels as its JSON escape ("\n", "\r",
+    // "\u0000", "\t", "\u007f").
+    let mut tried = 0;
+    for c in ['\n', '\r', '\0', '\t', '\x7f'] {
+        let injected = format!("/var/lib/kcm{c}ExecStartPre=/bin/sh -c 'touch /pwned'");
+        let cases: [(&str, &str, Box<dyn Fn(&mut serde_json::Value)>); 5] = [
+            ("spec.kcm.workingDir", "kcm.workingDir must not contain control characters", Box::new(|v| v["spec"]["kcm"]["workingDir"] = injected.clone().into())),
+            ("spec.kcm.binaryPath", "kcm.binaryPath must not contain control characters", Box::new(|v| v["spec"]["kcm"]["binaryPath"] = injected.clone().into())),
+            ("spec.paths.unit", "paths.unit must not contain control characters", Box::new(|v| v["spec"]["paths"]["unit"] = injected.clone().into())),
+            ("spec.kcm.extraArgs", "kcm.extraArgs: flag names", Box::new(|v| v["spec"]["kcm"]["extraArgs"] = serde_json::json!({format!("v{c}x"): "4"}))),
+            ("spec.kcm.extraArgs[v]", "kcm.extraArgs values must not contain control characters", Box::new(|v| v["spec"]["kcm"]["extraArgs"] = serde_json::json!({"v": format!("4{c}x")}))),
+        ];
+        for (path, message, inject) in &cases {
+            let mut doc = good.clone();
+            inject(&mut doc);
+            let json = serde_json::to_string(&doc).unwrap();
+            let (ok, out) = run(&api, &["apply", "--dry-run=server"], Some(&json));
+            assert!(!ok, "accepted a CR with {c:?} in {path}:\n{json}\n{out}");
+            if tried == 0 {
+                println!("refusal of {c:?} in {path}:\n{out}");
+            }
+            assert!(out.contains(path) && out.contains(message), "refusal of {c:?} in {path} does not name the field ({message:?}):\n{out}");
+            tried += 1;
+        }
+    }
+    assert_eq!(tried, 25);
 }

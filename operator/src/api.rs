@@ -75,21 +75,27 @@ pub struct KubeControllerManagerSpec {
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "size(self) > 0", "message": "masterSelector must select on at least one label"}]))]
     pub master_selector: BTreeMap<String, String>,
     /// The apiserver URL written into the kubeconfig (seed: ${KUBE_APISERVER}).
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('https://')", "message": "apiserverUrl must be an https:// URL"}]))]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = [
+        {"rule": "self.startsWith('https://')", "message": "apiserverUrl must be an https:// URL"},
+        no_control_rule("apiserverUrl"),
+    ]))]
     pub apiserver_url: String,
     /// Cluster name in the kubeconfig and `--cluster-name` (seed: kubernetes).
     #[serde(default = "default_cluster_name")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = [no_control_rule("clusterName")]))]
     pub cluster_name: String,
     /// `--service-cluster-ip-range` (seed: ${SERVICE_CIDR}).
     #[serde(default = "default_service_cidr")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "isCIDR(self)", "message": "serviceClusterIpRange must be a CIDR"}]))]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = [
+        {"rule": "isCIDR(self)", "message": "serviceClusterIpRange must be a CIDR"},
+        no_control_rule("serviceClusterIpRange"),
+    ]))]
     pub service_cluster_ip_range: String,
     #[serde(default)]
     pub certificate: CertificateSpec,
     #[serde(default)]
     pub kcm: KcmSpec,
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "[self.caCert, self.caKey, self.requestheaderCaCert, self.serviceAccountKey, self.cert, self.key, self.kubeconfig, self.unit].all(p, p.startsWith('/') && !p.contains('/../') && !p.endsWith('/..'))", "message": "every path must be absolute, without '..'"}, {"rule": "self.staticPodManifest == '' || (self.staticPodManifest.startsWith('/') && !self.staticPodManifest.contains('/../'))", "message": "staticPodManifest must be empty or an absolute path without '..'"}]))]
     pub paths: HostPaths,
     /// Stop all rollouts and renewals; status is still reported.
     #[serde(default)]
@@ -146,7 +152,7 @@ pub enum KubeconfigMode {
 pub struct KcmSpec {
     /// Path of the kube-controller-manager binary on the masters.
     #[serde(default = "default_binary_path")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.startsWith('/')", "message": "binaryPath must be absolute"}]))]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("kcm.binaryPath")))]
     pub binary_path: String,
     /// `--secure-port` (seed: 10252).
     #[serde(default = "default_secure_port")]
@@ -154,6 +160,7 @@ pub struct KcmSpec {
     pub secure_port: u16,
     /// `WorkingDirectory=` of the unit (seed: ${K8S_DIR}/kube-controller-manager).
     #[serde(default = "default_working_dir")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("kcm.workingDir")))]
     pub working_dir: String,
     /// `--v` (seed: 2).
     #[serde(default = "default_verbosity")]
@@ -161,10 +168,15 @@ pub struct KcmSpec {
     /// Flags added to, or overriding, the seed's set (name without `--`). An empty value
     /// renders `--name=""`.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(k, k.matches('^[a-z0-9][a-z0-9-]*$'))", "message": "flag names are lowercase words with dashes, without leading --"}]))]
+    #[schemars(extend(
+        "maxProperties" = MAX_ARGS,
+        "additionalProperties" = {"type": "string", "maxLength": MAX_TEXT, "x-kubernetes-validations": [no_control_rule("kcm.extraArgs values")]},
+        "x-kubernetes-validations" = [{"rule": "self.all(k, k.matches('^[a-z0-9][a-z0-9-]*$'))", "message": "kcm.extraArgs: flag names are lowercase words with dashes, without leading -- (and without control characters)"}],
+    ))]
     pub extra_args: BTreeMap<String, String>,
     /// Flags of the seed's set to leave out (name without `--`).
     #[serde(default)]
+    #[schemars(length(max = MAX_ARGS), extend("items" = {"type": "string", "maxLength": MAX_TEXT, "x-kubernetes-validations": [no_control_rule("kcm.removedArgs entries")]}))]
     pub removed_args: Vec<String>,
     /// Seconds a node's kcm has to answer /healthz after a restart before it is rolled back.
     #[serde(default = "default_health_timeout")]
@@ -178,29 +190,64 @@ pub struct KcmSpec {
 pub struct HostPaths {
     /// Cluster CA certificate (`--client-ca-file`, `--root-ca-file`, kubeconfig CA).
     #[serde(default = "default_ca_cert")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.caCert")))]
     pub ca_cert: String,
     /// Cluster CA key (`--cluster-signing-key-file`), also what the operator signs with.
     #[serde(default = "default_ca_key")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.caKey")))]
     pub ca_key: String,
     /// CA for request-header authentication (seed: the cluster CA; kubeadm: front-proxy-ca.crt).
     #[serde(default = "default_ca_cert")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.requestheaderCaCert")))]
     pub requestheader_ca_cert: String,
     /// ServiceAccount token signing key (seed: ca-key.pem; kubeadm: sa.key).
     #[serde(default = "default_ca_key")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.serviceAccountKey")))]
     pub service_account_key: String,
     /// The kcm certificate written by the helper.
     #[serde(default = "default_cert")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.cert")))]
     pub cert: String,
     /// The kcm private key written by the helper (0600).
     #[serde(default = "default_key")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.key")))]
     pub key: String,
     #[serde(default = "default_kubeconfig")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.kubeconfig")))]
     pub kubeconfig: String,
     #[serde(default = "default_unit")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = path_rules("paths.unit")))]
     pub unit: String,
     /// kubeadm's static pod manifest for kcm, moved aside on adoption (empty: none).
     #[serde(default = "default_static_pod")]
+    #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = optional_path_rules("paths.staticPodManifest")))]
     pub static_pod_manifest: String,
+}
+
+/// Longest string field the CRD accepts (PATH_MAX); with [`MAX_ARGS`], it bounds what the
+/// apiserver estimates its CEL rules to cost.
+const MAX_TEXT: u32 = 4096;
+/// Most entries in `kcm.extraArgs` and `kcm.removedArgs`.
+const MAX_ARGS: u32 = 256;
+/// CEL: `self` holds no control character (C0, DEL, C1). In the unit, a newline would start
+/// a new setting (`ExecStartPre=`, run as root on every master).
+const NO_CONTROL: &str = r"self.matches('^[^\\x00-\\x1f\\x7f-\\x9f]*$')";
+/// CEL: `self` is an absolute path without `..` components.
+const ABSOLUTE_NO_DOTDOT: &str = "self.startsWith('/') && !self.contains('/../') && !self.endsWith('/..')";
+
+fn no_control_rule(field: &str) -> serde_json::Value {
+    serde_json::json!({"rule": NO_CONTROL, "message": format!("{field} must not contain control characters (newline, carriage return, tab, NUL, ...)")})
+}
+
+/// The rules of every path field: absolute, without `..`, without control characters.
+fn path_rules(field: &str) -> serde_json::Value {
+    serde_json::json!([{"rule": ABSOLUTE_NO_DOTDOT, "message": format!("{field} must be an absolute path without '..'")}, no_control_rule(field)])
+}
+
+/// [`path_rules`] for a path that may be empty (none).
+fn optional_path_rules(field: &str) -> serde_json::Value {
+    let rule = format!("self == '' || ({ABSOLUTE_NO_DOTDOT})");
+    serde_json::json!([{"rule": rule, "message": format!("{field} must be empty or an absolute path without '..'")}, no_control_rule(field)])
 }
 
 fn default_master_selector() -> BTreeMap<String, String> {
