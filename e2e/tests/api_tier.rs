@@ -1,6 +1,7 @@
 //! API tier self-tests: a real etcd + kube-apiserver per test (no kubelet).
-//! CSR approval, RBAC for minted client certs, and pod-bound ServiceAccount
-//! tokens carrying the node name.
+//! CSR approval, RBAC for minted client certs, pod-bound ServiceAccount
+//! tokens carrying the node name, and the counting client of
+//! `kcm_operator::apicount` against real requests.
 
 use std::time::Instant;
 
@@ -200,6 +201,85 @@ async fn pod_bound_service_account_token_carries_the_node_name() {
         extra2.get("authentication.kubernetes.io/node-name"),
         Some(&vec![node.to_string()])
     );
+}
+
+#[tokio::test]
+async fn counted_client_counts_each_request_by_verb_and_resource() {
+    use futures::TryStreamExt;
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kcm_operator::apicount::{counted_client, format_line, per_minute};
+    use kube::api::{ListParams, WatchParams};
+
+    let api = start().await;
+    let (client, counts) = counted_client(api.admin_config().expect("admin config")).expect("counted client");
+    let key = |v: &str, r: &str| (v.to_string(), r.to_string());
+
+    // Nothing is sent while building the client.
+    assert!(counts.snapshot().counts.is_empty());
+
+    // 1 CREATE, 3 GETs of that Lease, 1 LIST of nodes, through the client
+    // certificate auth and TLS of the default stack.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "apicount-test"},
+        "spec": {"holderIdentity": "apicount", "leaseDurationSeconds": 15},
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.expect("create Lease");
+    for _ in 0..3 {
+        let got = leases.get("apicount-test").await.expect("get Lease");
+        assert_eq!(got.spec.and_then(|s| s.holder_identity).as_deref(), Some("apicount"));
+    }
+    Api::<Node>::all(client.clone()).list(&ListParams::default()).await.expect("list nodes");
+    let first = counts.snapshot();
+    println!("after create/get/list: {:?}", first.counts);
+    assert_eq!(
+        first.counts,
+        [(key("CREATE", "leases"), 1), (key("GET", "leases"), 3), (key("LIST", "nodes"), 1)].into(),
+        "exactly the requests made, nothing else (no hidden discovery or retries)"
+    );
+
+    // PATCH, a WATCH (counted once when opened), a 404 (failed requests
+    // count too), and a non-resource GET.
+    let patch = serde_json::json!({"spec": {"holderIdentity": "apicount-2"}});
+    leases
+        .patch("apicount-test", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch Lease");
+    let events: Vec<_> = leases
+        .watch(&WatchParams::default().fields("metadata.name=apicount-test").timeout(1), "0")
+        .await
+        .expect("watch Leases")
+        .try_collect()
+        .await
+        .expect("watch stream");
+    assert!(!events.is_empty(), "the watch from resourceVersion 0 replays the Lease");
+    let missing = leases.get("apicount-missing").await;
+    assert!(matches!(missing, Err(kube::Error::Api(ref s)) if s.code == 404), "{missing:?}");
+    let version = client.apiserver_version().await.expect("GET /version");
+    println!("apiserver version {}", version.git_version);
+    let second = counts.snapshot();
+    println!("after patch/watch/404/version: {:?}", second.counts);
+    assert_eq!(
+        second.counts,
+        [
+            (key("CREATE", "leases"), 1),
+            (key("GET", "/version"), 1),
+            (key("GET", "leases"), 4),
+            (key("LIST", "nodes"), 1),
+            (key("PATCH", "leases"), 1),
+            (key("WATCH", "leases"), 1),
+        ]
+        .into()
+    );
+
+    // The rate line covers only what happened between the two snapshots.
+    let line = format_line(&per_minute(&first, &second));
+    println!("{line}");
+    for part in ["GET /version=", "GET leases=", "PATCH leases=", "WATCH leases=", " total="] {
+        assert!(line.contains(part), "{part:?} missing from {line}");
+    }
+    assert!(!line.contains("CREATE") && !line.contains("LIST"), "{line}");
 }
 
 fn base64_std(bytes: &[u8]) -> String {

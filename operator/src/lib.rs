@@ -1,5 +1,6 @@
 //! kcm-operator: deploys and keeps alive a highly available kube-controller-manager.
 pub mod api;
+pub mod apicount;
 pub mod approver;
 pub mod election;
 pub mod flags;

@@ -422,6 +422,12 @@ impl ApiServer {
         client_for(&self.url, &self.ca.cert_pem, &self.admin)
     }
 
+    /// The admin `kube::Config` behind [`ApiServer::client`], for building a
+    /// client another way (e.g. `kcm_operator::apicount::counted_client`).
+    pub fn admin_config(&self) -> Result<kube::Config> {
+        config_for(&self.url, &self.ca.cert_pem, &self.admin)
+    }
+
     pub fn try_client_as(&self, user: &str, groups: &[&str]) -> Result<Client> {
         let ck = self.ca.client_cert(user, groups)?;
         client_for(&self.url, &self.ca.cert_pem, &ck)
@@ -458,20 +464,28 @@ impl Drop for ApiServer {
 }
 
 fn client_for(url: &str, ca_pem: &str, ck: &pki::CertAndKey) -> Result<Client> {
+    Client::try_from(config_for(url, ca_pem, ck)?).context("building kube client")
+}
+
+fn config_for(url: &str, ca_pem: &str, ck: &pki::CertAndKey) -> Result<kube::Config> {
     let auth: kube::config::AuthInfo = serde_json::from_value(json!({
         "client-certificate-data": b64(&ck.cert_pem),
         "client-key-data": b64(&ck.key_pem),
     }))?;
-    client_from(url, ca_pem, auth)
+    config_from(url, ca_pem, auth)
 }
 
 fn client_from(url: &str, ca_pem: &str, auth: kube::config::AuthInfo) -> Result<Client> {
+    Client::try_from(config_from(url, ca_pem, auth)?).context("building kube client")
+}
+
+fn config_from(url: &str, ca_pem: &str, auth: kube::config::AuthInfo) -> Result<kube::Config> {
     let ca_der = pem_to_der(ca_pem)?;
     let mut config = kube::Config::new(url.parse().with_context(|| format!("parsing {url}"))?);
     config.root_cert = Some(vec![ca_der]);
     config.auth_info = auth;
     config.read_timeout = Some(Duration::from_secs(60));
-    Client::try_from(config).context("building kube client")
+    Ok(config)
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
