@@ -389,8 +389,10 @@ pub struct KubeControllerManagerStatus {
     /// When the next certificate renewal is due (RFC 3339): the earliest of the masters' `renewAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_renewal: Option<String>,
+    /// One entry per master. At most 100: the bound within which the helpers' admission
+    /// policy (manifests/base/admission.yaml, which compares the entries pairwise) is tested.
     #[serde(default)]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub nodes: Vec<NodeStatus>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
