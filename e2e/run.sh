@@ -52,7 +52,7 @@ crd_drift() {
 k8s_bins() { bash "$HERE/testbed/build-k8s.sh"; }
 
 api_tier() {
-  cargo test -p e2e --test api_tier --test install --test manifests -- --test-threads 2
+  cargo test -p e2e --test api_tier --test install --test manifests --test admission -- --test-threads 2
 }
 
 # Static binaries (glibc, crt-static) in one FROM-scratch image: /kcm-operator and
