@@ -2,7 +2,7 @@
 # The project's two entry points (see README):
 #   bash e2e/run.sh up     a kind cluster with 3 control-plane nodes, the operator's images
 #                          loaded and manifests/kind applied
-#   bash e2e/run.sh test   every test: unit, CRD drift, API tier, kind e2e
+#   bash e2e/run.sh test   every test: fmt and clippy, unit, CRD drift, API tier, kind e2e
 #   bash e2e/run.sh down   delete the cluster
 # Caches live outside the repo: $KCM_CACHE (default /var/cache/kcm-operator).
 set -euo pipefail
@@ -37,6 +37,15 @@ ensure_toolchain() {
 
 unit_tests() {
   cargo test --workspace --lib --bins
+}
+
+# Style and lints: rustfmt.toml's format, no clippy warning in any target.
+lint() {
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy || return 1
+  fi
+  cargo fmt --all -- --check || { log "cargo fmt --all would change the files above"; return 1; }
+  cargo clippy --workspace --all-targets -- -D warnings
 }
 
 crd_drift() {
@@ -81,7 +90,7 @@ kind_e2e() {
   # One file at a time, in this order: each leaves the cluster as the next expects it.
   local t
   # (`step` runs this in an `if`, where `set -e` does not apply: every failure returns.)
-  for t in testbed kind_ha kind_operator kind_rescue kind_rotation kind_bootstrap; do
+  for t in testbed kind_ha kind_operator kind_rescue kind_crash kind_idle kind_rotation kind_bootstrap; do
     cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture || return 1
   done
 }
@@ -90,7 +99,7 @@ apply_manifests() {
   local k=("$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig")
   # The CRD first: a CR in the same apply as its new CRD is refused.
   "${k[@]}" apply -f manifests/base/crd.yaml || return 1
-  "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io || return 1
+  "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io crd/kcmnodes.kcm.kcm-operator.io || return 1
   "${k[@]}" apply -k manifests/kind/
 }
 
@@ -106,6 +115,7 @@ cmd_up() {
 cmd_test() {
   local t0=$SECONDS
   step toolchain ensure_toolchain
+  step lint lint
   step unit-tests unit_tests
   step crd-drift crd_drift
   step k8s-binaries k8s_bins

@@ -84,7 +84,6 @@ pub fn apply_kustomization(dir: &str) -> (bool, String) {
 
 // ---------------------------------------------------------------- shared by the kind tests
 
-
 /// The control-plane nodes (kind's node containers have the same names), sorted.
 pub async fn masters(c: &kube::Client) -> Vec<String> {
     let nodes = Api::<Node>::all(c.clone()).list(&ListParams::default().labels(CONTROL_PLANE_LABEL)).await.expect("listing nodes");
@@ -95,7 +94,7 @@ pub async fn masters(c: &kube::Client) -> Vec<String> {
 
 /// The CR and its status, when the CR exists.
 pub async fn cr(c: &kube::Client) -> Option<(KubeControllerManager, KubeControllerManagerStatus)> {
-    let k = Api::<KubeControllerManager>::all(c.clone()).get_opt(kcm_operator::approver::CR_NAME).await.ok()??;
+    let k = Api::<KubeControllerManager>::all(c.clone()).get_opt(kcm_operator::api::CR_NAME).await.ok()??;
     let s = k.status.clone().unwrap_or_default();
     Some((k, s))
 }
@@ -170,7 +169,7 @@ pub async fn kcm_lease(c: &kube::Client) -> Option<LeaseView> {
 
 /// The operator's Lease (kcm-operator/kcm-operator).
 pub async fn operator_lease(c: &kube::Client) -> Option<LeaseView> {
-    lease(c, kcm_operator::api::NAMESPACE, kcm_operator::election::LEASE_NAME).await
+    lease(c, kcm_operator::api::NAMESPACE, kcm_operator::api::OPERATOR_LEASE).await
 }
 
 /// Whether kube-controller-manager.service is active on `node`.

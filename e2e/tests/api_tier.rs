@@ -12,9 +12,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 
 async fn start() -> ApiServer {
     let t = Instant::now();
-    let api = ApiServer::start()
-        .await
-        .unwrap_or_else(|e| panic!("API tier did not start: {e:#}"));
+    let api = ApiServer::start().await.unwrap_or_else(|e| panic!("API tier did not start: {e:#}"));
     println!("apiserver {} up in {:.1}s", api.url(), t.elapsed().as_secs_f64());
     api
 }
@@ -27,12 +25,8 @@ async fn csr_is_approved_through_the_approval_subresource() {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "csr-test-user");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "csr-test-group");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "csr-test-user");
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "csr-test-group");
     let pem = params.serialize_request(&key).unwrap().pem().unwrap();
 
     let csrs: Api<CertificateSigningRequest> = Api::all(admin.clone());
@@ -49,15 +43,8 @@ async fn csr_is_approved_through_the_approval_subresource() {
     }))
     .unwrap();
     let created = csrs.create(&PostParams::default(), &csr).await.expect("create CSR");
-    println!(
-        "created CSR, spec.username={:?} groups={:?}",
-        created.spec.username, created.spec.groups
-    );
-    assert_eq!(
-        created.spec.username.as_deref(),
-        Some("kcm-test-admin"),
-        "apiserver records the requestor"
-    );
+    println!("created CSR, spec.username={:?} groups={:?}", created.spec.username, created.spec.groups);
+    assert_eq!(created.spec.username.as_deref(), Some("kcm-test-admin"), "apiserver records the requestor");
 
     let approval = serde_json::json!({"status": {"conditions": [{
         "type": "Approved",
@@ -65,22 +52,13 @@ async fn csr_is_approved_through_the_approval_subresource() {
         "reason": "ApiTierTest",
         "message": "approved by e2e/tests/api_tier.rs",
     }]}});
-    csrs.patch_approval("apitier-csr", &PatchParams::default(), &Patch::Merge(&approval))
-        .await
-        .expect("patch /approval");
+    csrs.patch_approval("apitier-csr", &PatchParams::default(), &Patch::Merge(&approval)).await.expect("patch /approval");
 
     let got = csrs.get("apitier-csr").await.expect("get CSR");
-    let conds = got
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let conds = got.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
     println!("CSR conditions after approval: {conds:?}");
     let approved = conds.iter().find(|c| c.type_ == "Approved");
-    assert!(
-        approved.is_some_and(|c| c.status == "True" && c.reason.as_deref() == Some("ApiTierTest")),
-        "no Approved=True condition; observed {conds:?}"
-    );
+    assert!(approved.is_some_and(|c| c.status == "True" && c.reason.as_deref() == Some("ApiTierTest")), "no Approved=True condition; observed {conds:?}");
     // Nothing signs it (no kube-controller-manager): no certificate yet.
     assert!(got.status.as_ref().and_then(|s| s.certificate.as_ref()).is_none());
 }
@@ -107,10 +85,7 @@ async fn rbac_denies_an_unbound_user_and_allows_the_admin() {
     println!("admin is seen as user={user} groups={groups:?}");
     assert_eq!(user, "kcm-test-admin");
     assert!(groups.iter().any(|g| g == "system:masters"), "{groups:?}");
-    let nodes = Api::<Node>::all(admin)
-        .list(&Default::default())
-        .await
-        .expect("admin lists nodes");
+    let nodes = Api::<Node>::all(admin).list(&Default::default()).await.expect("admin lists nodes");
     println!("admin listed {} nodes", nodes.items.len());
 
     // Several O= RDNs become several groups; system:masters among them grants access.
@@ -119,10 +94,7 @@ async fn rbac_denies_an_unbound_user_and_allows_the_admin() {
     println!("multi is seen as user={user} groups={groups:?}");
     assert_eq!(user, "multi");
     assert_eq!(groups, ["team-a", "team-b", "system:masters", "system:authenticated"]);
-    Api::<Node>::all(multi)
-        .list(&Default::default())
-        .await
-        .expect("system:masters member lists nodes");
+    Api::<Node>::all(multi).list(&Default::default()).await.expect("system:masters member lists nodes");
 
     // The admin kubeconfig works for other processes (kubectl).
     if let Ok(kubectl) = k8s_bin("kubectl") {
@@ -132,16 +104,9 @@ async fn rbac_denies_an_unbound_user_and_allows_the_admin() {
             .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
             .output()
             .expect("run kubectl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         println!("kubectl auth whoami: {text}");
-        assert!(
-            out.status.success() && text.trim() == "kcm-test-admin",
-            "kubectl auth whoami: {text}"
-        );
+        assert!(out.status.success() && text.trim() == "kcm-test-admin", "kubectl auth whoami: {text}");
     }
 }
 
@@ -149,58 +114,26 @@ async fn rbac_denies_an_unbound_user_and_allows_the_admin() {
 async fn pod_bound_service_account_token_carries_the_node_name() {
     let api = start().await;
     let (ns, sa, pod, node) = ("kcm-system", "kcm-node-helper", "kcm-node-helper-abcde", "k8smaster01");
-    let token = api
-        .bound_sa_token(ns, sa, pod, node)
-        .await
-        .unwrap_or_else(|e| panic!("bound_sa_token: {e:#}"));
+    let token = api.bound_sa_token(ns, sa, pod, node).await.unwrap_or_else(|e| panic!("bound_sa_token: {e:#}"));
 
     let node_obj = Api::<Node>::all(api.client()).get(node).await.expect("node exists");
     let addrs = node_obj.status.and_then(|s| s.addresses).unwrap_or_default();
     println!("node {node} labels={:?} addresses={addrs:?}", node_obj.metadata.labels);
-    assert!(
-        addrs
-            .iter()
-            .any(|a| a.type_ == "InternalIP" && a.address == "127.0.0.1"),
-        "{addrs:?}"
-    );
-    assert!(
-        addrs.iter().any(|a| a.type_ == "Hostname" && a.address == node),
-        "{addrs:?}"
-    );
+    assert!(addrs.iter().any(|a| a.type_ == "InternalIP" && a.address == "127.0.0.1"), "{addrs:?}");
+    assert!(addrs.iter().any(|a| a.type_ == "Hostname" && a.address == node), "{addrs:?}");
 
-    let (user, groups, extra) = whoami(&api.client_with_token(&token))
-        .await
-        .expect("whoami with SA token");
+    let (user, groups, extra) = whoami(&api.client_with_token(&token)).await.expect("whoami with SA token");
     println!("token is seen as user={user} groups={groups:?} extra={extra:?}");
     assert_eq!(user, format!("system:serviceaccount:{ns}:{sa}"));
-    assert!(
-        groups.iter().any(|g| g == &format!("system:serviceaccounts:{ns}")),
-        "{groups:?}"
-    );
-    assert_eq!(
-        extra.get("authentication.kubernetes.io/node-name"),
-        Some(&vec![node.to_string()]),
-        "extra: {extra:?}"
-    );
-    assert_eq!(
-        extra.get("authentication.kubernetes.io/pod-name"),
-        Some(&vec![pod.to_string()]),
-        "extra: {extra:?}"
-    );
+    assert!(groups.iter().any(|g| g == &format!("system:serviceaccounts:{ns}")), "{groups:?}");
+    assert_eq!(extra.get("authentication.kubernetes.io/node-name"), Some(&vec![node.to_string()]), "extra: {extra:?}");
+    assert_eq!(extra.get("authentication.kubernetes.io/pod-name"), Some(&vec![pod.to_string()]), "extra: {extra:?}");
 
     // Idempotent: a second call reuses the objects and mints another valid token.
-    let again = api
-        .bound_sa_token(ns, sa, pod, node)
-        .await
-        .unwrap_or_else(|e| panic!("second bound_sa_token: {e:#}"));
-    let (user2, _, extra2) = whoami(&api.client_with_token(&again))
-        .await
-        .expect("whoami with second token");
+    let again = api.bound_sa_token(ns, sa, pod, node).await.unwrap_or_else(|e| panic!("second bound_sa_token: {e:#}"));
+    let (user2, _, extra2) = whoami(&api.client_with_token(&again)).await.expect("whoami with second token");
     assert_eq!(user2, user);
-    assert_eq!(
-        extra2.get("authentication.kubernetes.io/node-name"),
-        Some(&vec![node.to_string()])
-    );
+    assert_eq!(extra2.get("authentication.kubernetes.io/node-name"), Some(&vec![node.to_string()]));
 }
 
 #[tokio::test]
@@ -242,10 +175,7 @@ async fn counted_client_counts_each_request_by_verb_and_resource() {
     // PATCH, a WATCH (counted once when opened), a 404 (failed requests
     // count too), and a non-resource GET.
     let patch = serde_json::json!({"spec": {"holderIdentity": "apicount-2"}});
-    leases
-        .patch("apicount-test", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("patch Lease");
+    leases.patch("apicount-test", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch Lease");
     let events: Vec<_> = leases
         .watch(&WatchParams::default().fields("metadata.name=apicount-test").timeout(1), "0")
         .await

@@ -11,11 +11,12 @@ use std::time::Duration;
 use e2e::apitier::{whoami, ApiServer};
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
 use k8s_openapi::ByteString;
+use kcm_operator::api::CR_NAME;
 use kcm_operator::api::{
-    KubeControllerManager, KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE,
-    RESCUE_APP, SIGNER_NAME,
+    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, HELPER_DAEMONSET,
+    HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE, RESCUE_APP, SIGNER_NAME,
 };
-use kcm_operator::approver::{self, SignerConfig, CR_NAME};
+use kcm_operator::approver::{self, SignerConfig};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity};
 use kube::api::{Api, ObjectMeta, PostParams};
 use node_helper::host::HostFs;
@@ -71,8 +72,10 @@ async fn apply_manifests(client: &kube::Client) {
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
     use kube::CustomResourceExt;
     crds.create(&PostParams::default(), &KubeControllerManager::crd()).await.unwrap();
-    e2e::apitier::wait_for("KubeControllerManager CRD served", Duration::from_secs(30), || async {
+    crds.create(&PostParams::default(), &KcmNode::crd()).await.unwrap();
+    e2e::apitier::wait_for("KubeControllerManager and KcmNode CRDs served", Duration::from_secs(30), || async {
         Api::<KubeControllerManager>::all(client.clone()).list(&Default::default()).await.is_ok()
+            && Api::<KcmNode>::all(client.clone()).list(&Default::default()).await.is_ok()
     })
     .await;
 }
@@ -135,7 +138,8 @@ async fn helper_pod(admin: &kube::Client, node: &str, owner: Owner) -> String {
     let (name, labels, owners) = match owner {
         Owner::DaemonSet => {
             let ds = Api::<DaemonSet>::namespaced(admin.clone(), NAMESPACE).get(HELPER_DAEMONSET).await.unwrap();
-            let owner = serde_json::json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": HELPER_DAEMONSET, "uid": ds.metadata.uid, "controller": true}]);
+            let owner =
+                serde_json::json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": HELPER_DAEMONSET, "uid": ds.metadata.uid, "controller": true}]);
             (format!("{HELPER_DAEMONSET}-{node}"), serde_json::json!({"app.kubernetes.io/name": HELPER_APP}), owner)
         }
         Owner::Rescue => (kcm_operator::rescue::rescue_pod_name(node), serde_json::json!({"app.kubernetes.io/name": RESCUE_APP}), serde_json::json!([])),
@@ -150,12 +154,16 @@ async fn helper_pod(admin: &kube::Client, node: &str, owner: Owner) -> String {
     name
 }
 
-/// Sets the operator's side of `status.nodes` (as the operator would): each node's target
-/// revision and what its helper applied.
+/// Each node's KcmNode as the operator and the helper would leave it: its target revision
+/// (spec) and what its helper applied (status).
 async fn set_steps(admin: &kube::Client, steps: &[(&str, &str, Option<&str>)]) {
-    let nodes: Vec<serde_json::Value> = steps.iter().map(|(n, t, a)| serde_json::json!({"name": n, "targetRevision": t, "appliedRevision": a})).collect();
-    let patch = serde_json::json!({"status": {"nodes": nodes}});
-    Api::<KubeControllerManager>::all(admin.clone()).patch_status(CR_NAME, &Default::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    let api = Api::<KcmNode>::all(admin.clone());
+    for (node, target, applied) in steps {
+        let obj = KcmNode::new(node, KcmNodeSpec { target_revision: Some(target.parse().unwrap()), renew_at: None });
+        api.patch(node, &kube::api::PatchParams::apply("test-operator").force(), &kube::api::Patch::Apply(&obj)).await.unwrap();
+        let status = serde_json::json!({"apiVersion": "kcm.kcm-operator.io/v1alpha1", "kind": "KcmNode", "metadata": {"name": node}, "status": {"appliedRevision": applied}});
+        api.patch_status(node, &kube::api::PatchParams::apply("test-helper").force(), &kube::api::Patch::Apply(&status)).await.unwrap();
+    }
 }
 
 fn host(bed: &Bed) -> HostFs {
@@ -239,7 +247,7 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
 
     // A second certificate for the same step is refused; the next step gets one, and its
     // install keeps the previous files for rollback.
-    let err = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, STEP, Duration::from_secs(60)).await.err().expect("second certificate for one step");
+    let err = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, STEP, Duration::from_secs(60)).await.expect_err("second certificate for one step");
     assert!(matches!(&err, InstallError::Denied { reason, .. } if reason == "AlreadyIssuedForStep"), "{err}");
     set_steps(&bed.api.client(), &[(NODE, "test-rev-2", Some(STEP))]).await;
     install::install(&bed.helper, &host(&bed), &bed.spec, NODE, "test-rev-2", Duration::from_secs(60)).await.expect("second install");
@@ -290,7 +298,8 @@ async fn secret_bound_token(admin: &kube::Client) -> String {
     let tr: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600,
         "boundObjectRef": {"apiVersion": "v1", "kind": "Secret", "name": "any-secret", "uid": secret.metadata.uid}}}))
     .unwrap();
-    let tr = Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE).create_token_request(HELPER_SERVICE_ACCOUNT, &PostParams::default(), &tr).await.unwrap();
+    let tr =
+        Api::<ServiceAccount>::namespaced(admin.clone(), NAMESPACE).create_token_request(HELPER_SERVICE_ACCOUNT, &PostParams::default(), &tr).await.unwrap();
     tr.status.unwrap().token
 }
 
@@ -352,7 +361,11 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
     sans.dns.insert("kubernetes.default".into());
     expect("an extra DNS SAN", verdict(&bed.helper, &admin, "extra-dns", rsa_csr(&sans), &usages, NODE, STEP).await, "SubjectAltNamesMismatch");
     // Wrong usages.
-    expect("wrong usages", verdict(&bed.helper, &admin, "wrong-usage", good.clone(), &["digital signature", "key encipherment", "client auth"], NODE, STEP).await, "UsagesMismatch");
+    expect(
+        "wrong usages",
+        verdict(&bed.helper, &admin, "wrong-usage", good.clone(), &["digital signature", "key encipherment", "client auth"], NODE, STEP).await,
+        "UsagesMismatch",
+    );
     // An RSA-1024 key: the key rule, not a signature error.
     expect("RSA-1024", verdict(&bed.helper, &admin, "rsa-1024", rsa_1024_csr(&id.expected_sans()), &usages, NODE, STEP).await, "KeyAlgorithmNotAllowed");
     // Wrong CN and O.
@@ -369,7 +382,12 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
             &PostParams::default(),
             &CertificateSigningRequest {
                 metadata: ObjectMeta { name: Some("bad-pem".into()), ..Default::default() },
-                spec: CertificateSigningRequestSpec { request: ByteString(bad_pem.into_bytes()), signer_name: SIGNER_NAME.into(), usages: Some(vec!["client auth".into()]), ..Default::default() },
+                spec: CertificateSigningRequestSpec {
+                    request: ByteString(bad_pem.into_bytes()),
+                    signer_name: SIGNER_NAME.into(),
+                    usages: Some(vec!["client auth".into()]),
+                    ..Default::default()
+                },
                 status: None,
             },
         )
@@ -380,7 +398,8 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
     expect("a second certificate for the step", verdict(&bed.helper, &admin, "good-again", good.clone(), &usages, NODE, STEP).await, "AlreadyIssuedForStep");
     // Once the step is applied, a token an admin mints for the real helper pod gets nothing.
     set_steps(&admin, &[(NODE, STEP, Some(STEP))]).await;
-    let minted = bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &format!("{HELPER_DAEMONSET}-{NODE}"), NODE).await.unwrap());
+    let minted =
+        bed.api.client_with_token(&bed.api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &format!("{HELPER_DAEMONSET}-{NODE}"), NODE).await.unwrap());
     expect("no step under way", verdict(&minted, &admin, "no-step", good.clone(), &usages, NODE, STEP).await, "NoPendingStep");
 
     // A master whose kubelet reports an address in the service range (10.96.0.0/16 here).
@@ -391,7 +410,11 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
     Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone()).patch_status(M2, &Default::default(), &kube::api::Patch::Merge(&addresses)).await.unwrap();
     set_steps(&admin, &[(NODE, STEP, Some(STEP)), (M2, STEP, None)]).await;
     let m2 = NodeIdentity { name: M2.into(), ips: vec!["10.96.0.50".parse().unwrap()] };
-    expect("an IP SAN in the service range", verdict(&by_m2, &admin, "service-ip", rsa_csr(&m2.expected_sans()), &usages, M2, STEP).await, "SubjectAltNameInServiceRange");
+    expect(
+        "an IP SAN in the service range",
+        verdict(&by_m2, &admin, "service-ip", rsa_csr(&m2.expected_sans()), &usages, M2, STEP).await,
+        "SubjectAltNameInServiceRange",
+    );
     // The same master with a normal address: the rescue pod's request is issued.
     let addresses = serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.2"}]}});
     Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone()).patch_status(M2, &Default::default(), &kube::api::Patch::Merge(&addresses)).await.unwrap();
@@ -430,22 +453,22 @@ async fn bad_input_fails_before_anything_is_written() {
     // A host path outside the allowed roots.
     let mut spec = bed.spec.clone();
     spec.paths.unit = "/etc/systemd/system/kube-controller-manager.service".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.expect_err("refused");
     assert!(matches!(err, InstallError::Host(_)), "{err}");
     // A missing CA file.
     let mut spec = bed.spec.clone();
     spec.paths.ca_cert = bed.root.path().join("etc/kubernetes/cert/missing.pem").display().to_string();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.expect_err("refused");
     assert!(err.to_string().contains("missing.pem"), "{err}");
     // A kcm binary that does not exist.
     let mut spec = bed.spec.clone();
     spec.kcm.binary_path = "/opt/k8s/bin/no-such-kcm".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.expect_err("refused");
     assert!(matches!(err, InstallError::Kcm { .. }), "{err}");
     // A flag kcm rejects.
     let mut spec = bed.spec.clone();
     spec.kcm.extra_args.insert("no-such-flag".into(), "1".into());
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(10)).await.expect_err("refused");
     assert!(err.to_string().contains("--no-such-flag"), "{err}");
     // Nothing was written, and no CSR was made.
     assert!(!Path::new(&bed.spec.paths.cert).exists());
@@ -462,7 +485,7 @@ async fn a_certificate_that_fails_preflight_is_not_installed() {
     let bed = bed().await;
     let mut spec = bed.spec.clone();
     spec.apiserver_url = "https://127.0.0.1:1".into();
-    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(60)).await.err().expect("refused");
+    let err = install::install(&bed.helper, &host(&bed), &spec, NODE, STEP, Duration::from_secs(60)).await.expect_err("refused");
     println!("pre-flight refused: {err}");
     assert!(matches!(err, InstallError::Preflight { .. }), "{err}");
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");

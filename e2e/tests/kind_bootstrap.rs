@@ -19,8 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use e2e::kind::{
-    all_healthy, client, cr, diagnostics, kcm_lease, kubectl, masters, now_secs, on_node, pod_node, pod_ready, pods_with_app, process_running,
-    write_on_node,
+    all_healthy, client, cr, diagnostics, kcm_lease, kubectl, masters, now_secs, on_node, pod_node, pod_ready, pods_with_app, process_running, write_on_node,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -100,7 +99,8 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
     }
     let took = wait_nodes(&masters, Duration::from_secs(120), "no kcm-operator process", |n| !process_running(n, "kcm-operator")).await;
     println!("teardown: CR, DaemonSet and operator static pods gone ({:.0}s for the operator processes)", took.as_secs_f64());
-    let (ok, out) = kubectl(&["-n", NAMESPACE, "delete", "pod", "-l", &format!("app.kubernetes.io/name={RESCUE_APP}"), "--ignore-not-found", "--wait", "--timeout=120s"]);
+    let (ok, out) =
+        kubectl(&["-n", NAMESPACE, "delete", "pod", "-l", &format!("app.kubernetes.io/name={RESCUE_APP}"), "--ignore-not-found", "--wait", "--timeout=120s"]);
     assert!(ok, "deleting leftover rescue pods: {out}");
 
     // kcm: ours (kind layout) and kubeadm's, and anything a previous run left at the seed's paths.
@@ -175,7 +175,10 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
         let (ok, out) = write_on_node(m, &format!("{MANIFEST_DIR}/{OPERATOR_MANIFEST}"), manifest.as_bytes(), "644");
         assert!(ok, "placing the operator's static pod on {m}: {out}");
     }
-    println!("install: CRD, manifests/base, the seed's CR (apiserverUrl {APISERVER}) applied and the static pod placed on {masters:?} in {:.1}s", t_apply.elapsed().as_secs_f64());
+    println!(
+        "install: CRD, manifests/base, the seed's CR (apiserverUrl {APISERVER}) applied and the static pod placed on {masters:?} in {:.1}s",
+        t_apply.elapsed().as_secs_f64()
+    );
 
     // Until 3/3: which helpers ran, and whether a DaemonSet pod ever became Ready (it cannot
     // without kube-scheduler).
@@ -209,7 +212,9 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
     };
     let took = t_apply.elapsed();
     println!("bootstrap: 3/3 healthy, kcm leader {leader}, {:.1}s from apply", took.as_secs_f64());
-    println!("bootstrap: units first active at {first_active:?} (+s); rescue pods seen {rescue_seen:?}; DaemonSet pods: at most {ds_pods_max}, {ds_ready_max} Ready");
+    println!(
+        "bootstrap: units first active at {first_active:?} (+s); rescue pods seen {rescue_seen:?}; DaemonSet pods: at most {ds_pods_max}, {ds_ready_max} Ready"
+    );
 
     // The seed's files at the seed's paths, our kcm the only one.
     for m in &masters {
@@ -256,10 +261,16 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
         if rs > 0 && pods.len() == 2 {
             break pods;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the Deployment got {rs} ReplicaSet(s) and {} Pod(s) from our kcm within 120s\n{}", pods.len(), diagnostics());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the Deployment got {rs} ReplicaSet(s) and {} Pod(s) from our kcm within 120s\n{}",
+            pods.len(),
+            diagnostics()
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let phases: Vec<(Option<String>, Option<String>)> = pods.iter().map(|p| (p.metadata.name.clone(), p.status.as_ref().and_then(|s| s.phase.clone()))).collect();
+    let phases: Vec<(Option<String>, Option<String>)> =
+        pods.iter().map(|p| (p.metadata.name.clone(), p.status.as_ref().and_then(|s| s.phase.clone()))).collect();
     println!("bootstrap: a Deployment got its ReplicaSet and 2 Pods in {:.1}s: {phases:?}", t0.elapsed().as_secs_f64());
 
     // ---------------------------------------------------------------- the scheduler back
@@ -272,7 +283,11 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
         let ds = pods_with_app(&c, HELPER_APP).await;
         let ready_on: Vec<String> = ds.iter().filter(|p| pod_ready(p) && p.metadata.deletion_timestamp.is_none()).filter_map(pod_node).collect();
         let rescue: Vec<String> = pods_with_app(&c, RESCUE_APP).await.into_iter().filter_map(|p| p.metadata.name).collect();
-        let bound = Api::<Pod>::namespaced(c.clone(), ns).list(&ListParams::default()).await.map(|l| l.items.iter().filter(|p| pod_node(p).is_some()).count()).unwrap_or(0);
+        let bound = Api::<Pod>::namespaced(c.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.iter().filter(|p| pod_node(p).is_some()).count())
+            .unwrap_or(0);
         if masters.iter().all(|m| ready_on.contains(m)) && rescue.is_empty() && bound == 2 {
             break;
         }
@@ -287,7 +302,9 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
     let leader = loop {
         match all_healthy(&c, &masters, handover).await {
             Ok(l) => break l,
-            Err(why) => assert!(t0.elapsed() < Duration::from_secs(120), "not 3/3 with a leader after the hand-over to the DaemonSet's pods: {why}\n{}", diagnostics()),
+            Err(why) => {
+                assert!(t0.elapsed() < Duration::from_secs(120), "not 3/3 with a leader after the hand-over to the DaemonSet's pods: {why}\n{}", diagnostics())
+            }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     };

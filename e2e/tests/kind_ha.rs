@@ -16,8 +16,8 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kcm_operator::api::CR_NAME;
 use kcm_operator::api::{KubeControllerManager, KubeControllerManagerStatus, CONTROL_PLANE_LABEL, CSR_NODE_LABEL, KCM_USER, SIGNER_NAME};
-use kcm_operator::approver::CR_NAME;
 use kcm_operator::pki::NodeIdentity;
 use kcm_operator::render::spec_revision;
 use kcm_operator::rollout::{leader_node, spec_part};
@@ -35,7 +35,9 @@ async fn rolled_out(c: &kube::Client, masters: &[String], within: Duration, what
     let ok = poll(what, within, || async {
         let (k, s) = status(c).await;
         let rev = spec_revision(&k.spec);
-        let all = masters.iter().all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str())));
+        let all = masters
+            .iter()
+            .all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str())));
         all.then_some(())
     })
     .await;
@@ -95,7 +97,9 @@ async fn ha_kcm_on_three_masters() {
     let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || async {
         let (k, s) = status(&c).await;
         let rev = spec_revision(&k.spec);
-        masters.iter().all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str())))
+        masters
+            .iter()
+            .all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str())))
     })
     .await;
     println!("phase 1: rolled out; at most {worst} master(s) without an active unit at once; {log:?}");
@@ -146,9 +150,31 @@ async fn ha_kcm_on_three_masters() {
         let ip = NodeIdentity::from_node(node).unwrap().primary_ip().to_string();
         let url = format!("https://{ip}:10252/metrics");
         let d = dir.path().display();
-        let (ok, out) = sh(std::process::Command::new("curl").args(["-sS", "--max-time", "10", "--cacert", &format!("{d}/ca.pem"), "--cert", &format!("{d}/admin.pem"), "--key", &format!("{d}/admin-key.pem"), &url]));
+        let (ok, out) = sh(std::process::Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &format!("{d}/ca.pem"),
+            "--cert",
+            &format!("{d}/admin.pem"),
+            "--key",
+            &format!("{d}/admin-key.pem"),
+            &url,
+        ]));
         assert!(ok && out.contains("workqueue_adds_total"), "metrics from {url} with the admin cert: {}", &out[..out.len().min(400)]);
-        let (_, anon) = sh(std::process::Command::new("curl").args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &format!("{d}/ca.pem"), &url]));
+        let (_, anon) = sh(std::process::Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &format!("{d}/ca.pem"),
+            &url,
+        ]));
         assert!(anon.trim() == "401" || anon.trim() == "403", "metrics without a client certificate on {url}: HTTP {anon}");
     }
     println!("seed 2.3: metrics served with the admin cert, refused without, on all three masters");
@@ -208,7 +234,8 @@ async fn ha_kcm_on_three_masters() {
     let killed = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, String)>));
     // kcm's Lease as last seen: (holder identity, renewTime); and the leaderless gap at a hand-off,
     // from the old holder's last renewal to the new holder's acquisition.
-    let lease_seen = std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
+    let lease_seen =
+        std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
     let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
         let c = c.clone();
         let masters = masters.clone();
@@ -240,7 +267,7 @@ async fn ha_kcm_on_three_masters() {
             let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
             let mut at = applied_at.lock().unwrap();
             for n in &s.nodes {
-                if n.healthy && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str()) {
+                if n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()) {
                     at.entry(n.name.clone()).or_insert(t0.elapsed());
                 }
             }

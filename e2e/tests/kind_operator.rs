@@ -16,8 +16,8 @@ use e2e::kind::{client, masters, on_node, pod_ready};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
+use kcm_operator::api::OPERATOR_LEASE;
 use kcm_operator::api::{HELPER_DAEMONSET, NAMESPACE, OPERATOR_APP, OPERATOR_MANIFEST};
-use kcm_operator::election::LEASE_NAME;
 use kube::api::{Api, ListParams};
 
 const MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
@@ -71,13 +71,13 @@ fn election_state(pod: &str) -> String {
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
-    let l = leases.get_opt(LEASE_NAME).await.ok()??;
+    let l = leases.get_opt(OPERATOR_LEASE).await.ok()??;
     l.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
 fn diagnostics() -> String {
     let (_, pods) = kubectl(&["-n", NAMESPACE, "get", "pods", "-o", "wide"]);
-    let (_, lease) = kubectl(&["-n", NAMESPACE, "get", "lease", LEASE_NAME, "-o", "yaml"]);
+    let (_, lease) = kubectl(&["-n", NAMESPACE, "get", "lease", OPERATOR_LEASE, "-o", "yaml"]);
     let (_, logs) = kubectl(&["-n", NAMESPACE, "logs", "-l", "app.kubernetes.io/component=static-pod", "--prefix", "--tail", "15"]);
     format!("pods:\n{pods}\nlease:\n{lease}\nlogs:\n{logs}\n{}", e2e::kind::diagnostics())
 }
@@ -154,7 +154,7 @@ async fn operator_static_pods_elect_one_leader_and_fail_over() {
     let leases: Api<Lease> = Api::namespaced(c.clone(), NAMESPACE);
     let settled = poll("one leader and two followers", Duration::from_secs(60), || one_leader(&leases, &nodes)).await;
     let Some((leader, states)) = settled else { panic!("no single leader\n{}", diagnostics()) };
-    println!("Lease {NAMESPACE}/{LEASE_NAME} held by {leader}; replicas: {:?}", nodes.iter().zip(&states).collect::<Vec<_>>());
+    println!("Lease {NAMESPACE}/{OPERATOR_LEASE} held by {leader}; replicas: {:?}", nodes.iter().zip(&states).collect::<Vec<_>>());
     let leader_node = holder_node(&leader);
     assert!(nodes.contains(&leader_node), "holder {leader} is not a master");
     let (_, logs) = kubectl(&["-n", NAMESPACE, "logs", &format!("{OPERATOR_APP}-{leader_node}")]);
@@ -175,7 +175,7 @@ async fn operator_static_pods_elect_one_leader_and_fail_over() {
     let Some(next) = next else { panic!("no new holder within 30s of SIGTERM to the operator on {leader_node}\n{}", diagnostics()) };
     println!("graceful failover (SIGTERM, lease released): {leader} -> {next} in {:.2}s", gap.as_secs_f64());
     assert!(gap < Duration::from_secs(10), "failover took {gap:?}");
-    let (_, lease_yaml) = kubectl(&["-n", NAMESPACE, "get", "lease", LEASE_NAME, "-o", "jsonpath={.spec}"]);
+    let (_, lease_yaml) = kubectl(&["-n", NAMESPACE, "get", "lease", OPERATOR_LEASE, "-o", "jsonpath={.spec}"]);
     println!("lease now: {lease_yaml}");
     let restarted = poll("the SIGTERMed replica restarted and Ready", Duration::from_secs(90), || async {
         let p = pods.get_opt(&format!("{OPERATOR_APP}-{leader_node}")).await.ok()??;

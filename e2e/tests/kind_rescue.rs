@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use e2e::kind::{
-    all_healthy, client, cr, diagnostics, kcm_lease, kubectl, masters, now_secs, observed_at, on_node, pod_node, pod_ready, pods_with_app,
-    ready_counts, report_fresh, unit_active, write_on_node,
+    all_healthy, client, cr, diagnostics, kcm_lease, kubectl, masters, now_secs, observed_at, on_node, pod_node, pod_ready, pods_with_app, ready_counts,
+    report_fresh, unit_active, write_on_node,
 };
 use kcm_operator::api::{NodeStatus, HELPER_APP, KCM_USER, NAMESPACE, REPORT_PERIOD_SECS, RESCUE_APP, STALE_AFTER_SECS};
 use kcm_operator::pki::CertInfo;
@@ -145,7 +145,8 @@ async fn rescue_repair_and_drift() {
     println!("rescue: kcm stopped on {masters:?} and helper pods deleted ({:.1}s); kcm Lease holder was {holder_before:?}", t0.elapsed().as_secs_f64());
 
     // Right before the stop all three units were active (checked by the precondition).
-    let mut samples = vec![Sample { t: 0.0, active: 3, ready: Some((3, 3)), leader: Some(leader.clone()), lease_expired_by: None, lease_holder: holder_before.clone() }];
+    let mut samples =
+        vec![Sample { t: 0.0, active: 3, ready: Some((3, 3)), leader: Some(leader.clone()), lease_expired_by: None, lease_holder: holder_before.clone() }];
     let mut rescue_seen: BTreeMap<String, (f64, Option<String>)> = BTreeMap::new();
     let within = Duration::from_secs(300);
     let mut last_why = String::new();
@@ -181,7 +182,10 @@ async fn rescue_repair_and_drift() {
     };
     let Some((new_leader, took)) = back else {
         let tail: Vec<_> = samples.iter().rev().take(10).collect();
-        panic!("rescue: not back to 3/3 with a leader within {within:?}; last: {last_why}; last samples {tail:?}; rescue pods seen {rescue_seen:?}\n{}", diagnostics());
+        panic!(
+            "rescue: not back to 3/3 with a leader within {within:?}; last: {last_why}; last samples {tail:?}; rescue pods seen {rescue_seen:?}\n{}",
+            diagnostics()
+        );
     };
     println!("rescue: back to 3/3 healthy with kcm leader {new_leader} in {:.1}s after the stop ({} samples)", took.as_secs_f64(), samples.len());
     println!("rescue: rescue pods seen (first seen at +s, node): {rescue_seen:?}");
@@ -217,7 +221,10 @@ async fn rescue_repair_and_drift() {
     let expired_samples = samples.iter().filter(|s| s.lease_expired_by.is_some_and(|e| e > 0.0)).count();
     let empty_when_expired = samples.iter().filter(|s| s.lease_expired_by.is_some_and(|e| e > 0.0) && s.leader.is_none()).count();
     println!("rescue: {expired_samples} sample(s) with kcm's Lease expired, {empty_when_expired} of them with LEADER empty; worst LEADER lag behind the expiry {worst_lag:.1}s (allowed {LEADER_LAG_SECS}s)");
-    assert!(expired_samples > 0 && empty_when_expired > 0, "kcm's Lease never expired during the rescue (or LEADER never emptied): the LEADER check proved nothing; samples {samples:?}");
+    assert!(
+        expired_samples > 0 && empty_when_expired > 0,
+        "kcm's Lease never expired during the rescue (or LEADER never emptied): the LEADER check proved nothing; samples {samples:?}"
+    );
     assert!(leader_lies.is_empty(), "LEADER named a holder of an expired Lease: {leader_lies:?}\n{}", diagnostics());
 
     // Rescue pods did the work: one per master, pinned to it.
@@ -375,7 +382,11 @@ async fn rescue_repair_and_drift() {
         if fixed_at.is_some() && all_healthy(&c, &masters, break_epoch).await.is_ok() {
             break;
         }
-        assert!(t0.elapsed() < within, "drift: {target} not repaired within {within:?}; drift seen {drift_at:?}; certificate present {present}\n{}", diagnostics());
+        assert!(
+            t0.elapsed() < within,
+            "drift: {target} not repaired within {within:?}; drift seen {drift_at:?}; certificate present {present}\n{}",
+            diagnostics()
+        );
         tick(s0).await;
     }
     let took = t0.elapsed();
@@ -383,7 +394,10 @@ async fn rescue_repair_and_drift() {
         panic!("drift: the status of {target} never named {} as drift before it was repaired\n{}", paths.cert, diagnostics())
     };
     let t_fixed = fixed_at.unwrap();
-    println!("drift: reported at +{t_drift:.0}s as {lines:?} (certificate on disk then: {present_then}); repaired, 3/3 again at +{:.1}s (healthy +{t_fixed:.0}s)", took.as_secs_f64());
+    println!(
+        "drift: reported at +{t_drift:.0}s as {lines:?} (certificate on disk then: {present_then}); repaired, 3/3 again at +{:.1}s (healthy +{t_fixed:.0}s)",
+        took.as_secs_f64()
+    );
     assert!(t_drift <= t_fixed, "the drift was named only after the repair (+{t_drift:.0}s vs +{t_fixed:.0}s)");
     assert!(on_node(&target, &format!("test -s {}", paths.cert)).0, "{} is back on {target}", paths.cert);
     let na = cert_not_after(&target, &paths.cert);
@@ -406,11 +420,17 @@ async fn rescue_repair_and_drift() {
         Some((cond.message.clone(), s.nodes.clone()))
     })
     .await;
-    let (msg, nodes) = degraded.unwrap_or_else(|| panic!("no Degraded/OperatorPodNotPlaced within 60s of removing {} on {target}\n{}", paths.ca_key, diagnostics()));
+    let (msg, nodes) =
+        degraded.unwrap_or_else(|| panic!("no Degraded/OperatorPodNotPlaced within 60s of removing {} on {target}\n{}", paths.ca_key, diagnostics()));
     println!("bad input: {} missing on {target}: Degraded OperatorPodNotPlaced after {:.1}s: {msg}", paths.ca_key, t0.elapsed().as_secs_f64());
     assert!(msg.contains(&target) && msg.contains("caKey"), "the condition names the master and the path: {msg}");
     for n in &nodes {
-        assert_eq!(n.operator_pod_error.is_some(), n.name == target, "operatorPodError only on {target}: {:?}", nodes.iter().map(|n| (&n.name, &n.operator_pod_error)).collect::<Vec<_>>());
+        assert_eq!(
+            n.operator_pod_error.is_some(),
+            n.name == target,
+            "operatorPodError only on {target}: {:?}",
+            nodes.iter().map(|n| (&n.name, &n.operator_pod_error)).collect::<Vec<_>>()
+        );
     }
     for m in &masters {
         assert!(unit_active(m), "kcm keeps running on {m}");

@@ -41,8 +41,8 @@ use e2e::kind::{all_healthy, client, cr, diagnostics, kubectl, masters, now_secs
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kcm_operator::api::CR_NAME;
 use kcm_operator::api::{KubeControllerManager, NodeStatus, KCM_LEASE, REPORT_PERIOD_SECS, STALE_AFTER_SECS};
-use kcm_operator::approver::CR_NAME;
 use kcm_operator::pki::NodeIdentity;
 use kcm_operator::render::spec_revision;
 use kcm_operator::rollout::{leader_node, spec_part};
@@ -446,7 +446,10 @@ fn phase_figures(w: &Watch, t_test: f64, name: &str, from: f64, to: f64, before:
         let a = after.get(m).cloned().unwrap_or_default();
         println!("[{name}] {m}: MainPID {} -> {}, NRestarts {} -> {}", b.main_pid, a.main_pid, b.n_restarts, a.n_restarts);
     }
-    assert!(rate >= MIN_LEASE_RATE_HZ, "[{name}] kcm's Lease was read at {rate:.1} Hz, below {MIN_LEASE_RATE_HZ} Hz: the figures are too coarse; failed reads {errors:?}");
+    assert!(
+        rate >= MIN_LEASE_RATE_HZ,
+        "[{name}] kcm's Lease was read at {rate:.1} Hz, below {MIN_LEASE_RATE_HZ} Hz: the figures are too coarse; failed reads {errors:?}"
+    );
     Figures { name: name.into(), wall: to - from, leaderless: longest(&working), lease_only: longest(&lease_only), leader_changes: seq.len().saturating_sub(1) }
 }
 
@@ -583,8 +586,10 @@ async fn wait_rolled_out(c: &kube::Client, masters: &[String], within: Duration,
             let behind: Vec<String> = masters
                 .iter()
                 .filter_map(|m| match s.nodes.iter().find(|n| &n.name == m) {
-                    Some(n) if n.healthy && report_fresh(n, now) && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str()) => None,
-                    Some(n) => Some(format!("{m}: applied {:?} target {:?} healthy {} message {:?}", n.applied_revision, n.target_revision, n.healthy, n.message)),
+                    Some(n) if n.healthy && report_fresh(n, now) && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()) => None,
+                    Some(n) => {
+                        Some(format!("{m}: applied {:?} target {:?} healthy {} message {:?}", n.applied_revision, n.target_revision, n.healthy, n.message))
+                    }
                     None => Some(format!("{m}: no status entry")),
                 })
                 .collect();
@@ -698,7 +703,12 @@ async fn rotation_fence_and_handoff() {
             if ready {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "the watchers did not start within 20s: MainPID {:?}, {} Lease reads", watch.pid_tracks(), watch.lease_all().len());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the watchers did not start within 20s: MainPID {:?}, {} Lease reads",
+                watch.pid_tracks(),
+                watch.lease_all().len()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -791,7 +801,11 @@ async fn rotation_fence_and_handoff() {
         held.duration
     );
     assert!(took >= FENCE_HOLD_SECS, "2. fence: new holder {took:.2}s after the kill");
-    assert!(acquired_at(&new, t_kill) >= expiry - 0.5, "2. fence: the new holder took the Lease before {old}'s expired (expiry +{:.2}s, taken +{took:.2}s)", expiry - t_kill);
+    assert!(
+        acquired_at(&new, t_kill) >= expiry - 0.5,
+        "2. fence: the new holder took the Lease before {old}'s expired (expiry +{:.2}s, taken +{took:.2}s)",
+        expiry - t_kill
+    );
     planted.remove_all();
     wait_healthy(&c, &masters, t_kill, Duration::from_secs(180), "2. after the fence proof").await;
     let after = unit_facts_all(&masters);
@@ -1134,7 +1148,9 @@ async fn rotation_fence_and_handoff() {
             let Ok(sv) = &x.served else { continue };
             match (idx(sv), idx(&x.status)) {
                 (None, _) => problems.push(format!("{m}: served {sv} at +{:.1}s, a serial the status never reported ({:?})", rel(x.t), seq[m])),
-                (Some(a), Some(b)) if a < b => problems.push(format!("{m}: served {sv} at +{:.1}s while the status already reported {} (newer)", rel(x.t), x.status)),
+                (Some(a), Some(b)) if a < b => {
+                    problems.push(format!("{m}: served {sv} at +{:.1}s while the status already reported {} (newer)", rel(x.t), x.status))
+                }
                 _ => {}
             }
             if *sv != x.status {
@@ -1212,7 +1228,11 @@ async fn rotation_fence_and_handoff() {
         if short.is_empty() {
             break;
         }
-        assert!(t1.elapsed() < Duration::from_secs(600), "6. restore: certificates still short-lived on {short:?} 600s after the restored spec rolled out\n{}", diagnostics());
+        assert!(
+            t1.elapsed() < Duration::from_secs(600),
+            "6. restore: certificates still short-lived on {short:?} 600s after the restored spec rolled out\n{}",
+            diagnostics()
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     spec_guard.disarm();

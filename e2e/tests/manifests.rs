@@ -17,7 +17,14 @@ fn run(api: &ApiServer, args: &[&str], stdin: Option<&str>) -> (bool, String) {
     cmd.current_dir(&repo).arg("--kubeconfig").arg(api.admin_kubeconfig_path()).args(args);
     let out = if let Some(input) = stdin {
         use std::io::Write;
-        let mut child = cmd.arg("-f").arg("-").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .arg("-f")
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     } else {
@@ -33,7 +40,11 @@ async fn apiserver_with_crd() -> ApiServer {
     // A server-side dry run creates nothing, so what the rest is created in goes first.
     let (ok, out) = run(&api, &["apply", "-f", "manifests/base/crd.yaml", "-f", "manifests/base/namespace.yaml"], None);
     assert!(ok, "CRD and namespace apply: {out}");
-    let (ok, out) = run(&api, &["wait", "--for=condition=Established", "--timeout=30s", "crd/kubecontrollermanagers.kcm.kcm-operator.io"], None);
+    let (ok, out) = run(
+        &api,
+        &["wait", "--for=condition=Established", "--timeout=30s", "crd/kubecontrollermanagers.kcm.kcm-operator.io", "crd/kcmnodes.kcm.kcm-operator.io"],
+        None,
+    );
     assert!(ok, "CRD established: {out}");
     api
 }
@@ -49,12 +60,16 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
         assert!(out.contains("daemonset.apps/kcm-node-helper"), "{out}");
     }
 
-    let cr = |name: &str, spec: &str| format!("apiVersion: kcm.kcm-operator.io/v1alpha1\nkind: KubeControllerManager\nmetadata:\n  name: {name}\nspec:\n{spec}");
+    let cr =
+        |name: &str, spec: &str| format!("apiVersion: kcm.kcm-operator.io/v1alpha1\nkind: KubeControllerManager\nmetadata:\n  name: {name}\nspec:\n{spec}");
     let cases = [
         (cr("kube-controller-manager", "  apiserverUrl: http://10.0.0.1:6443\n"), "apiserverUrl must be an https:// URL"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: banana\n"), "serviceClusterIpRange must be a CIDR"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  paths:\n    cert: ../../etc/shadow\n"), "paths.cert must be an absolute path"),
-        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    binaryPath: /opt/k8s/../../bin/sh\n"), "kcm.binaryPath must be an absolute path"),
+        (
+            cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    binaryPath: /opt/k8s/../../bin/sh\n"),
+            "kcm.binaryPath must be an absolute path",
+        ),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    workingDir: data/k8s\n"), "kcm.workingDir must be an absolute path"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    extraArgs:\n      --v: \"4\"\n"), "flag names are lowercase"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  certificate:\n    keyAlgorithm: DSA\n"), "keyAlgorithm"),
@@ -88,12 +103,25 @@ async fn control_characters_are_refused_by_the_crd_on_a_real_apiserver() {
     let mut tried = 0;
     for c in ['\n', '\r', '\0', '\t', '\x7f'] {
         let injected = format!("/var/lib/kcm{c}ExecStartPre=/bin/sh -c 'touch /pwned'");
-        let cases: [(&str, &str, Box<dyn Fn(&mut serde_json::Value)>); 5] = [
-            ("spec.kcm.workingDir", "kcm.workingDir must not contain control characters", Box::new(|v| v["spec"]["kcm"]["workingDir"] = injected.clone().into())),
-            ("spec.kcm.binaryPath", "kcm.binaryPath must not contain control characters", Box::new(|v| v["spec"]["kcm"]["binaryPath"] = injected.clone().into())),
+        type Inject<'a> = Box<dyn Fn(&mut serde_json::Value) + 'a>;
+        let cases: [(&str, &str, Inject); 5] = [
+            (
+                "spec.kcm.workingDir",
+                "kcm.workingDir must not contain control characters",
+                Box::new(|v| v["spec"]["kcm"]["workingDir"] = injected.clone().into()),
+            ),
+            (
+                "spec.kcm.binaryPath",
+                "kcm.binaryPath must not contain control characters",
+                Box::new(|v| v["spec"]["kcm"]["binaryPath"] = injected.clone().into()),
+            ),
             ("spec.paths.unit", "paths.unit must not contain control characters", Box::new(|v| v["spec"]["paths"]["unit"] = injected.clone().into())),
             ("spec.kcm.extraArgs", "kcm.extraArgs: flag names", Box::new(|v| v["spec"]["kcm"]["extraArgs"] = serde_json::json!({format!("v{c}x"): "4"}))),
-            ("spec.kcm.extraArgs[v]", "kcm.extraArgs values must not contain control characters", Box::new(|v| v["spec"]["kcm"]["extraArgs"] = serde_json::json!({"v": format!("4{c}x")}))),
+            (
+                "spec.kcm.extraArgs[v]",
+                "kcm.extraArgs values must not contain control characters",
+                Box::new(|v| v["spec"]["kcm"]["extraArgs"] = serde_json::json!({"v": format!("4{c}x")})),
+            ),
         ];
         for (path, message, inject) in &cases {
             let mut doc = good.clone();

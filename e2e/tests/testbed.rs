@@ -28,11 +28,7 @@ use serde_json::json;
 /// The Kubernetes version the test bed built (testbed.sh writes it to $KCM_STATE/k8s-version;
 /// it differs only where stock kind images were pulled).
 fn k8s_version() -> String {
-    std::fs::read_to_string(state_dir().join("k8s-version"))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "v1.33.13".into())
+    std::fs::read_to_string(state_dir().join("k8s-version")).map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "v1.33.13".into())
 }
 /// The debootstrapped Debian image the test bed imports into docker and into every node.
 const BASE_IMAGE: &str = "kcm-testbed/debian:bookworm";
@@ -98,11 +94,7 @@ where
 }
 
 fn is_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .map(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        .unwrap_or(false)
+    node.status.as_ref().and_then(|s| s.conditions.as_ref()).map(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")).unwrap_or(false)
 }
 
 fn name_of<K: kube::Resource>(o: &K) -> String {
@@ -161,26 +153,22 @@ async fn three_control_plane_nodes_ready() -> Result<()> {
 async fn kcm_lease_held_by_a_control_plane_node() -> Result<()> {
     let client = client().await?;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
-    let holder = poll(
-        "Lease kube-system/kube-controller-manager held by one of the 3 control-plane nodes",
-        Duration::from_secs(180),
-        || async {
-            let nodes: Vec<String> = control_plane_nodes(&client).await?.iter().map(name_of).collect();
-            let lease = match leases.get_opt("kube-controller-manager").await? {
-                Some(l) => l,
-                None => return Ok(Err("no Lease kube-system/kube-controller-manager".into())),
-            };
-            let spec = lease.spec.unwrap_or_default();
-            let holder = spec.holder_identity.unwrap_or_default();
-            // kcm's identity is "<hostname>_<uuid>"; kind node hostnames are the node names
-            let host = holder.split('_').next().unwrap_or_default().to_string();
-            if nodes.len() == 3 && nodes.contains(&host) && spec.renew_time.is_some() {
-                Ok(Ok(holder))
-            } else {
-                Ok(Err(format!("holderIdentity={holder:?} renewTime={:?} nodes={nodes:?}", spec.renew_time)))
-            }
-        },
-    )
+    let holder = poll("Lease kube-system/kube-controller-manager held by one of the 3 control-plane nodes", Duration::from_secs(180), || async {
+        let nodes: Vec<String> = control_plane_nodes(&client).await?.iter().map(name_of).collect();
+        let lease = match leases.get_opt("kube-controller-manager").await? {
+            Some(l) => l,
+            None => return Ok(Err("no Lease kube-system/kube-controller-manager".into())),
+        };
+        let spec = lease.spec.unwrap_or_default();
+        let holder = spec.holder_identity.unwrap_or_default();
+        // kcm's identity is "<hostname>_<uuid>"; kind node hostnames are the node names
+        let host = holder.split('_').next().unwrap_or_default().to_string();
+        if nodes.len() == 3 && nodes.contains(&host) && spec.renew_time.is_some() {
+            Ok(Ok(holder))
+        } else {
+            Ok(Err(format!("holderIdentity={holder:?} renewTime={:?} nodes={nodes:?}", spec.renew_time)))
+        }
+    })
     .await?;
     eprintln!("kube-controller-manager lease holder: {holder}");
     Ok(())
@@ -239,12 +227,7 @@ async fn privileged_hostpath_daemonset_runs_host_kcm() -> Result<()> {
                 Ok(Ok(list))
             } else {
                 let st = dss.get(&name_of(&ds)).await?.status.unwrap_or_default();
-                Ok(Err(format!(
-                    "daemonset desired={} ready={}; pods: {}",
-                    st.desired_number_scheduled,
-                    st.number_ready,
-                    describe_pods(&list)
-                )))
+                Ok(Err(format!("daemonset desired={} ready={}; pods: {}", st.desired_number_scheduled, st.number_ready, describe_pods(&list))))
             }
         })
         .await?;
@@ -277,12 +260,7 @@ async fn privileged_hostpath_daemonset_runs_host_kcm() -> Result<()> {
 async fn scratch_rust_image_loads_and_runs() -> Result<()> {
     // build the static binary, the FROM-scratch image, and `kind load` it into every node
     let script = testbed_script();
-    let out = tokio::process::Command::new("bash")
-        .arg(&script)
-        .arg("hello")
-        .output()
-        .await
-        .with_context(|| format!("running {} hello", script.display()))?;
+    let out = tokio::process::Command::new("bash").arg(&script).arg("hello").output().await.with_context(|| format!("running {} hello", script.display()))?;
     if !out.status.success() {
         bail!("{} hello failed ({}):\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr));
     }
@@ -325,7 +303,7 @@ async fn scratch_rust_image_loads_and_runs() -> Result<()> {
                 .filter(|p| {
                     let st = p.status.as_ref();
                     st.and_then(|s| s.phase.as_deref()) == Some("Running")
-                        && st.and_then(|s| s.pod_ip.as_deref()).map_or(false, |ip| ip != st.and_then(|s| s.host_ip.as_deref()).unwrap_or(""))
+                        && st.and_then(|s| s.pod_ip.as_deref()).is_some_and(|ip| ip != st.and_then(|s| s.host_ip.as_deref()).unwrap_or(""))
                 })
                 .collect();
             if ok.len() == 2 {

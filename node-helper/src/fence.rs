@@ -71,7 +71,11 @@ pub fn release_decision(fence: &Fence, pids_now: &[u32], lease_holder: Option<&s
 
 fn alive(proc_root: &Path, pid: u32) -> bool {
     std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).is_ok_and(|c| {
-        c.split(|b| *b == 0).next().and_then(|a| std::str::from_utf8(a).ok()).and_then(|a| Path::new(a).file_name()).is_some_and(|n| n == "kube-controller-manager")
+        c.split(|b| *b == 0)
+            .next()
+            .and_then(|a| std::str::from_utf8(a).ok())
+            .and_then(|a| Path::new(a).file_name())
+            .is_some_and(|n| n == "kube-controller-manager")
     })
 }
 

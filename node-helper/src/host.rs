@@ -17,6 +17,8 @@ pub enum HostError {
     Escapes { name: String, path: String, real: PathBuf },
     #[error("{op} {path:?}: {source}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{name} {path}: {reason}")]
+    Invalid { name: String, path: String, reason: String },
 }
 pub type Result<T, E = HostError> = std::result::Result<T, E>;
 
@@ -160,10 +162,29 @@ impl HostFs {
         Ok(())
     }
 
+    fn prev_of(hp: &HostPath) -> PathBuf {
+        hp.local.with_file_name(format!("{}.prev", hp.local.file_name().expect("file").to_string_lossy()))
+    }
+
+    /// Whether `<name>.prev` exists: the file was rewritten since the previous version was kept.
+    pub fn has_previous(&self, hp: &HostPath) -> bool {
+        Self::prev_of(hp).exists()
+    }
+
+    /// Removes `<name>.prev` (once a step is healthy, or before a new step starts).
+    pub fn forget_previous(&self, hp: &HostPath) -> Result<()> {
+        let prev = Self::prev_of(hp);
+        match fs::remove_file(&prev) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HostError::Io { op: "remove", path: prev, source }),
+        }
+    }
+
     /// Puts `<name>.prev` back in place (rollback). Returns false when there is none.
     pub fn restore_previous(&self, hp: &HostPath) -> Result<bool> {
         let dir = hp.local.parent().expect("absolute path has a parent");
-        let prev = dir.join(format!("{}.prev", hp.local.file_name().expect("file").to_string_lossy()));
+        let prev = Self::prev_of(hp);
         if !prev.exists() {
             return Ok(false);
         }

@@ -15,7 +15,10 @@ use kcm_operator::render::{self, ClientCredentials, NodeFiles, RenderError};
 use kcm_operator::signer::expected_usages;
 use kube::api::{Api, ObjectMeta, PostParams};
 
+use kcm_operator::kube_error::{kube_err, KubeError};
+
 use crate::host::{HostError, HostFs, HostPath};
+use crate::journal::{Journal, JournalFile, PendingRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -29,8 +32,8 @@ pub enum InstallError {
     Render(#[from] RenderError),
     #[error("running {binary} {arg}: {reason}")]
     Kcm { binary: String, arg: &'static str, reason: String },
-    #[error("{what}: {source}")]
-    Kube { what: String, source: kube::Error },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("CSR {name} was denied: {reason}: {message}")]
     Denied { name: String, reason: String, message: String },
     #[error("CSR {name} failed: {message}")]
@@ -41,11 +44,6 @@ pub enum InstallError {
     Preflight { serial: String, reason: String },
 }
 pub type Result<T, E = InstallError> = std::result::Result<T, E>;
-
-fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> InstallError {
-    let what = what.into();
-    move |source| InstallError::Kube { what, source }
-}
 
 /// Every host path of the spec, checked and mapped. Fails before anything is touched.
 pub struct Paths {
@@ -58,6 +56,11 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The files a step writes, in the order it writes them.
+    pub fn written(&self) -> [&HostPath; 4] {
+        [&self.key, &self.cert, &self.kubeconfig, &self.unit]
+    }
+
     pub fn resolve(host: &HostFs, spec: &KubeControllerManagerSpec) -> Result<Self> {
         // A control character in a path (or anything else the unit carries) is refused first.
         render::refuse_control_in_spec(spec).map_err(RenderError::from)?;
@@ -135,17 +138,29 @@ pub fn plan(spec: &KubeControllerManagerSpec, id: &NodeIdentity, kcm: &KcmBinary
     Ok(Planned { files, kubeconfig, cert_pem, key_pem })
 }
 
-/// Submits a CSR for this node and waits for the operator to sign it.
-/// The CSR names the node (label) and the step it is for (annotation): the signer issues one
-/// certificate per node and step, and only while that step is under way.
-pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerManagerSpec, id: &NodeIdentity, revision: &str, csr_pem: &str, wait: Duration) -> Result<String> {
+/// A new CSR name for this node: `kcm-<node>-<8 hex>`.
+pub fn csr_name(node: &str) -> String {
+    let mut b = [0u8; 4];
+    aws_lc_rs::rand::fill(&mut b).expect("CSPRNG");
+    let suffix: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("kcm-{node}-{suffix}")
+}
+
+/// Submits CSR `name` for this node and waits for the operator to sign it. The CSR names the
+/// node (label) and the step it is for (annotation): the signer issues one certificate per
+/// node and step, and only while that step is under way. A CSR of that name that exists
+/// already (made by an earlier attempt of the step, for the same key) is waited for.
+pub async fn request_certificate(
+    client: &kube::Client,
+    spec: &KubeControllerManagerSpec,
+    id: &NodeIdentity,
+    revision: &str,
+    name: &str,
+    csr_pem: &str,
+    wait: Duration,
+) -> Result<String> {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
-    let suffix: String = {
-        let mut b = [0u8; 4];
-        aws_lc_rs::rand::fill(&mut b).expect("CSPRNG");
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    };
-    let name = format!("kcm-{}-{suffix}", id.name);
+    let name = name.to_string();
     let csr = CertificateSigningRequest {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -162,12 +177,24 @@ pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerMan
         },
         status: None,
     };
-    api.create(&PostParams::default(), &csr).await.map_err(kube_err(format!("creating CSR {name}")))?;
-    tracing::info!(csr = %name, "submitted CSR, waiting for the signer");
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let got = api.get(&name).await.map_err(kube_err(format!("reading CSR {name}")))?;
-        let status = got.status.unwrap_or_default();
+    match api.create(&PostParams::default(), &csr).await {
+        Ok(_) => tracing::info!(csr = %name, "submitted CSR, waiting for the signer"),
+        Err(kube::Error::Api(e)) if e.code == 409 => tracing::info!(csr = %name, "CSR of an earlier attempt of this step exists: waiting for it"),
+        Err(e) => return Err(kube_err(format!("creating CSR {name}"))(e).into()),
+    }
+    // A watch on this one CSR until the signer decided (no polling).
+    let decided = |c: Option<&CertificateSigningRequest>| {
+        let Some(st) = c.and_then(|c| c.status.as_ref()) else { return false };
+        st.certificate.as_ref().is_some_and(|b| !b.0.is_empty())
+            || st.conditions.iter().flatten().any(|c| c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed"))
+    };
+    let got = match tokio::time::timeout(wait, kube::runtime::wait::await_condition(api.clone(), &name, decided)).await {
+        Err(_) => return Err(InstallError::Timeout { name, secs: wait.as_secs() }),
+        Ok(Err(e)) => return Err(InstallError::Failed { name, message: format!("watching it: {e}") }),
+        Ok(Ok(got)) => got,
+    };
+    {
+        let status = got.and_then(|g| g.status).unwrap_or_default();
         for c in status.conditions.unwrap_or_default() {
             if c.status == "True" && (c.type_ == "Denied" || c.type_ == "Failed") {
                 let reason = c.reason.unwrap_or_default();
@@ -179,13 +206,10 @@ pub async fn request_certificate(client: &kube::Client, spec: &KubeControllerMan
                 });
             }
         }
-        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-            return String::from_utf8(cert.0).map_err(|_| InstallError::Failed { name, message: "certificate is not UTF-8 PEM".into() });
+        match status.certificate.filter(|c| !c.0.is_empty()) {
+            Some(cert) => String::from_utf8(cert.0).map_err(|_| InstallError::Failed { name, message: "certificate is not UTF-8 PEM".into() }),
+            None => Err(InstallError::Failed { name, message: "the CSR was deleted before it was decided".into() }),
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(InstallError::Timeout { name, secs: wait.as_secs() });
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -254,10 +278,13 @@ pub async fn preflight(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem:
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| format!("the rendered kubeconfig is not usable: {e}"))?;
     let client = kube::Client::try_from(cfg).map_err(|e| format!("client for {}: {e}", spec.apiserver_url))?;
     let review = k8s_openapi::api::authentication::v1::SelfSubjectReview::default();
-    let got = tokio::time::timeout(Duration::from_secs(15), Api::<k8s_openapi::api::authentication::v1::SelfSubjectReview>::all(client).create(&PostParams::default(), &review))
-        .await
-        .map_err(|_| format!("no answer from {} within 15s", spec.apiserver_url))?
-        .map_err(|e| format!("SelfSubjectReview at {}: {e}", spec.apiserver_url))?;
+    let got = tokio::time::timeout(
+        Duration::from_secs(15),
+        Api::<k8s_openapi::api::authentication::v1::SelfSubjectReview>::all(client).create(&PostParams::default(), &review),
+    )
+    .await
+    .map_err(|_| format!("no answer from {} within 15s", spec.apiserver_url))?
+    .map_err(|e| format!("SelfSubjectReview at {}: {e}", spec.apiserver_url))?;
     let user = got.status.and_then(|s| s.user_info).unwrap_or_default();
     let name = user.username.unwrap_or_default();
     let groups = user.groups.unwrap_or_default();
@@ -291,16 +318,40 @@ impl NewCert<'_> {
 }
 
 /// Writes key, cert, kubeconfig and unit for step `revision`. When `new_cert` says so, a new
-/// key is generated and a certificate requested first.
-pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared, new_cert: NewCert<'_>, revision: &str, csr_wait: Duration) -> Result<Installed> {
+/// key is generated and a certificate requested first. With a journal, the key and the CSR
+/// name are journaled before the CSR is made, and a request an earlier attempt of the step
+/// journaled is reused: a resumed step never asks for a second certificate.
+#[allow(clippy::too_many_arguments)]
+pub async fn write(
+    client: &kube::Client,
+    host: &HostFs,
+    spec: &KubeControllerManagerSpec,
+    p: &Prepared,
+    new_cert: NewCert<'_>,
+    revision: &str,
+    csr_wait: Duration,
+    mut journal: Option<(&JournalFile<'_>, &mut Journal)>,
+) -> Result<Installed> {
     let existing = usable_pair(host, spec, p)?.filter(|(_, _, cert)| new_cert.keeps(&cert.serial_hex));
     let new_cert = existing.is_none();
     let (cert_pem, key_pem, cert) = match existing {
         Some(pair) => pair,
         None => {
-            let key = pki::generate_key(spec.certificate.key_algorithm)?;
+            let journaled = journal.as_ref().and_then(|(_, j)| j.request.clone());
+            let (key, name) = match journaled {
+                Some(r) => (pki::key_from_pem(&r.key_pem, "journaled key")?, r.csr),
+                None => {
+                    let key = pki::generate_key(spec.certificate.key_algorithm)?;
+                    let name = csr_name(&p.id.name);
+                    if let Some((file, j)) = journal.as_mut() {
+                        j.request = Some(PendingRequest { csr: name.clone(), key_pem: key.serialize_pem() });
+                        file.save(j)?;
+                    }
+                    (key, name)
+                }
+            };
             let csr = pki::make_csr(&key, &p.id.expected_sans())?;
-            let cert_pem = request_certificate(client, spec, &p.id, revision, &csr, csr_wait).await?;
+            let cert_pem = request_certificate(client, spec, &p.id, revision, &name, &csr, csr_wait).await?;
             let cert = CertInfo::from_pem(cert_pem.as_bytes(), "issued certificate")?;
             if !cert.matches_key(&key) {
                 return Err(InstallError::Failed { name: p.id.name.clone(), message: "issued certificate is not for our key".into() });
@@ -322,14 +373,24 @@ pub async fn write(client: &kube::Client, host: &HostFs, spec: &KubeControllerMa
         if host.write_atomic(hp, body, mode)? {
             changed.push(hp.host.display().to_string());
         }
+        if hp == &p.paths.key {
+            crate::journal::crash_point(host, "key-written");
+        }
     }
     Ok(Installed { cert, kcm_version: p.kcm.version, warnings: planned.files.flags.warnings, changed, new_cert })
 }
 
 /// The whole install of step `revision` for node `node_name` with a new key and certificate.
-pub async fn install(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str, revision: &str, csr_wait: Duration) -> Result<Installed> {
+pub async fn install(
+    client: &kube::Client,
+    host: &HostFs,
+    spec: &KubeControllerManagerSpec,
+    node_name: &str,
+    revision: &str,
+    csr_wait: Duration,
+) -> Result<Installed> {
     let prepared = prepare(client, host, spec, node_name).await?;
-    write(client, host, spec, &prepared, NewCert::Always, revision, csr_wait).await
+    write(client, host, spec, &prepared, NewCert::Always, revision, csr_wait, None).await
 }
 
 #[cfg(test)]

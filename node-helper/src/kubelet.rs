@@ -66,7 +66,10 @@ mod tests {
 
     #[test]
     fn flags_in_both_spellings() {
-        assert_eq!(parse_args(&argv("/usr/bin/kubelet --kubeconfig=/etc/kubernetes/kubelet.conf --config=/var/lib/kubelet/config.yaml")).config.as_deref(), Some("/var/lib/kubelet/config.yaml"));
+        assert_eq!(
+            parse_args(&argv("/usr/bin/kubelet --kubeconfig=/etc/kubernetes/kubelet.conf --config=/var/lib/kubelet/config.yaml")).config.as_deref(),
+            Some("/var/lib/kubelet/config.yaml")
+        );
         let a = parse_args(&argv("kubelet --config /k/c.yaml --pod-manifest-path /etc/m"));
         assert_eq!(a, KubeletArgs { config: Some("/k/c.yaml".into()), pod_manifest_path: Some("/etc/m".into()) });
         assert_eq!(parse_args(&argv("kubelet --v=2")), KubeletArgs::default());
@@ -74,7 +77,12 @@ mod tests {
 
     #[test]
     fn static_pod_path_from_config() {
-        assert_eq!(static_pod_path("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nstaticPodPath: /etc/kubernetes/manifests\n").unwrap().as_deref(), Some("/etc/kubernetes/manifests"));
+        assert_eq!(
+            static_pod_path("apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nstaticPodPath: /etc/kubernetes/manifests\n")
+                .unwrap()
+                .as_deref(),
+            Some("/etc/kubernetes/manifests")
+        );
         assert_eq!(static_pod_path("kind: KubeletConfiguration\n").unwrap(), None);
         assert_eq!(static_pod_path("staticPodPath: \"\"\n").unwrap(), None);
         assert!(static_pod_path(": : :").is_err());

@@ -3,6 +3,7 @@ pub mod drift;
 pub mod fence;
 pub mod host;
 pub mod install;
+pub mod journal;
 pub mod kubelet;
 pub mod lock;
 pub mod probe;

@@ -31,7 +31,8 @@ pub enum LockError {
 /// Takes the lock if it is free; `Ok(None)` when another helper holds it.
 pub fn try_lock(host_root: &Path) -> Result<Option<HostLock>, LockError> {
     let path = host_root.join(LOCK_PATH);
-    let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|source| LockError::Open { path: path.clone(), source })?;
+    let file =
+        OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|source| LockError::Open { path: path.clone(), source })?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Some(HostLock { _lock: lock, path })),
         Err((_, Errno::EWOULDBLOCK)) => Ok(None),

@@ -5,15 +5,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kcm_operator::api::KubeControllerManager;
-use kcm_operator::approver::CR_NAME;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node as K8sNode;
+use kcm_operator::api::CR_NAME;
+use kcm_operator::api::{KcmNode, KubeControllerManager};
+use kcm_operator::api::{HELPER_MANAGER_PREFIX, OPERATOR_MANIFEST, REPORT_PERIOD_SECS};
 use kcm_operator::flags::KcmVersion;
 use kcm_operator::render::{self, ClientCredentials};
+use kcm_operator::watch::{by_name, reflect};
+use kube::runtime::reflector::{ObjectRef, Store};
 use node_helper::host::HostFs;
 use node_helper::install;
-use node_helper::step::{Node, Report};
+use node_helper::step::{report_body, Node, Report};
 use node_helper::systemd::HostSystemd;
-use kcm_operator::api::{HELPER_MANAGER_PREFIX, OPERATOR_MANIFEST, REPORT_PERIOD_SECS};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Installs kube-controller-manager on this master")]
@@ -61,14 +66,22 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        /// Where the host's / is mounted.
-        #[arg(long, env = "KCM_HOST_ROOT", default_value = "/host")]
-        host_root: PathBuf,
-        /// Host path prefixes the helper may write under.
-        #[arg(long, env = "KCM_ALLOWED_ROOTS", value_delimiter = ',', default_value = "/etc/kubernetes,/etc/systemd/system,/data/k8s,/var/lib/kube-controller-manager")]
-        allowed_roots: Vec<PathBuf>,
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Where the host's / is mounted.
+    #[arg(long, env = "KCM_HOST_ROOT", default_value = "/host")]
+    host_root: PathBuf,
+    /// Host path prefixes the helper may write under.
+    #[arg(
+        long,
+        env = "KCM_ALLOWED_ROOTS",
+        value_delimiter = ',',
+        default_value = "/etc/kubernetes,/etc/systemd/system,/data/k8s,/var/lib/kube-controller-manager"
+    )]
+    allowed_roots: Vec<PathBuf>,
+    /// Host path of the step journal (under an allowed root).
+    #[arg(long, env = "KCM_STEP_JOURNAL", default_value = node_helper::journal::DEFAULT_PATH)]
+    journal: String,
 }
 
 #[tokio::main]
@@ -105,7 +118,9 @@ async fn main() -> anyhow::Result<()> {
             install_once(&client, &host, &node.node_name, csr_wait).await?;
         }
         Cmd::Run { node, csr_wait, interval } => {
-            let client = kube::Client::try_default().await.context("building Kubernetes client")?;
+            let config = kube::Config::infer().await.context("Kubernetes client configuration")?;
+            let (client, counts) = kcm_operator::apicount::counted_client(config).context("building Kubernetes client")?;
+            kcm_operator::apicount::spawn_reporter(counts, Duration::from_secs(60), "node-helper");
             let host = HostFs::new(node.host_root.clone(), node.allowed_roots);
             // SIGTERM (pod deleted, DaemonSet updated) is taken between two looks, never
             // in the middle of a step: the step finishes or rolls back first.
@@ -113,7 +128,9 @@ async fn main() -> anyhow::Result<()> {
             let _lock = loop {
                 match node_helper::lock::try_lock(&node.host_root)? {
                     Some(l) => break l,
-                    None => tracing::info!(node = %node.node_name, "another helper acts on this master (host lock {} held): waiting", node_helper::lock::LOCK_PATH),
+                    None => {
+                        tracing::info!(node = %node.node_name, "another helper acts on this master (host lock {} held): waiting", node_helper::lock::LOCK_PATH)
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -124,13 +141,36 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
             // kcm's Lease is released for a follower when this host's kcm exits unplanned.
             tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone()));
-            let mut helper = Helper { client, host, node_name: node.node_name, csr_wait: Duration::from_secs(csr_wait), image: None, last: None, failed_probes: 0 };
+            // The CR, this master's KcmNode and Node, kept by watches: no polling. A change
+            // wakes the loop; the interval paces the local checks (unit, health, files).
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let (kcm, w1) = reflect(kube::Api::<KubeControllerManager>::all(client.clone()), by_name(CR_NAME), wake.clone());
+            let (me, w2) = reflect(kube::Api::<KcmNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
+            let (this_node, w3) = reflect(kube::Api::<K8sNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
+            tokio::spawn(futures::future::join_all([w1, w2, w3]));
+            let stores = Stores { kcm, me, node: this_node };
+            tokio::select! {
+                r = stores.ready() => r?,
+                _ = term.recv() => return Ok(()),
+            }
+            let mut helper = Helper {
+                client,
+                host,
+                node_name: node.node_name,
+                journal: node.journal,
+                csr_wait: Duration::from_secs(csr_wait),
+                image: None,
+                last: None,
+                failed_probes: 0,
+                stores,
+            };
             loop {
                 if let Err(e) = helper.tick().await {
                     tracing::error!("{e:#}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
+                    _ = wake.notified() => {}
                     _ = term.recv() => break,
                     _ = tokio::signal::ctrl_c() => break,
                 }
@@ -143,11 +183,13 @@ async fn main() -> anyhow::Result<()> {
 
 async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr_wait: u64) -> anyhow::Result<()> {
     let kcm = kube::Api::<KubeControllerManager>::all(client.clone()).get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
+    let me = kube::Api::<KcmNode>::all(client.clone()).get_opt(node_name).await.with_context(|| format!("reading KcmNode {node_name}"))?;
     // The signer issues certificates only for a step under way on this node.
-    let revision = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).and_then(kcm_operator::approver::pending_revision).with_context(|| {
-        format!("node {node_name} has no step under way in KubeControllerManager {CR_NAME}: the signer issues certificates only for the operator's target revision")
-    })?;
-    let done = install::install(client, host, &kcm.spec, node_name, &revision, Duration::from_secs(csr_wait)).await?;
+    let revision = me
+        .as_ref()
+        .and_then(KcmNode::pending)
+        .with_context(|| format!("KcmNode {node_name} has no step under way: the signer issues certificates only for the operator's target revision"))?;
+    let done = install::install(client, host, &kcm.spec, node_name, &revision.to_string(), Duration::from_secs(csr_wait)).await?;
     for w in &done.warnings {
         tracing::warn!("{w}");
     }
@@ -161,11 +203,30 @@ async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr
     Ok(())
 }
 
+/// What the helper watches: the CR, its master's KcmNode and Node.
+struct Stores {
+    kcm: Store<KubeControllerManager>,
+    me: Store<KcmNode>,
+    node: Store<K8sNode>,
+}
+
+impl Stores {
+    async fn ready(&self) -> anyhow::Result<()> {
+        self.kcm.wait_until_ready().await?;
+        self.me.wait_until_ready().await?;
+        self.node.wait_until_ready().await?;
+        Ok(())
+    }
+}
+
 /// The run loop's state on this master.
 struct Helper {
+    stores: Stores,
     client: kube::Client,
     host: HostFs,
     node_name: String,
+    /// Host path of the step journal.
+    journal: String,
     csr_wait: Duration,
     /// This helper's own image (read once from its Pod): the operator's static pod runs it.
     image: Option<String>,
@@ -185,49 +246,54 @@ impl Helper {
     /// this node if it is new, otherwise observe the unit and the files; report when
     /// anything changed, and at least every report period.
     async fn tick(&mut self) -> anyhow::Result<()> {
-        let api = kube::Api::<KubeControllerManager>::all(self.client.clone());
-        let kcm = api.get(CR_NAME).await.with_context(|| format!("reading KubeControllerManager {CR_NAME}"))?;
+        let kcm = self.stores.kcm.get(&ObjectRef::new(CR_NAME)).with_context(|| format!("no KubeControllerManager {CR_NAME}"))?;
         let node_name_owned = self.node_name.clone();
         let node_name = node_name_owned.as_str();
-        let me = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).cloned().unwrap_or_default();
         let spec = &kcm.spec;
+        // First the operator's static pod: it is the operator that makes the KcmNodes.
         let operator_pod_error = self.place_operator_pod(spec).await.err();
         if let Some(e) = &operator_pod_error {
             tracing::warn!(node = node_name, "operator static pod not placed: {e}");
         }
+        let Some(kcm_node) = self.stores.me.get(&ObjectRef::new(node_name)) else {
+            tracing::info!(node = node_name, "no KcmNode {node_name} yet: waiting for the operator to make it");
+            return Ok(());
+        };
+        let me = kcm_node.status.clone().unwrap_or_default();
         let unit = std::path::Path::new(&spec.paths.unit).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service").to_string();
         let systemd = HostSystemd::new(unit);
         let (client, host) = (&self.client, &self.host);
-        let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: self.csr_wait };
-        let keep = Report {
-            applied_revision: me.applied_revision.clone(),
-            failed_revision: me.failed_revision.clone(),
-            cert_serial: me.cert_serial.clone(),
-            not_after: me.not_after.clone(),
-            kcm_version: me.kcm_version.clone(),
-            unit_active: me.unit_active,
-            healthy: me.healthy,
-            warnings: me.warnings.clone(),
-            message: me.message.clone(),
-            observed_at: None,
-            file_hashes: me.file_hashes.clone(),
-            drift: Vec::new(),
-            operator_pod_error: None,
-        };
-        let mut report = match me.target_revision.as_deref() {
-            Some(target) if !spec.paused && Some(target) != me.applied_revision.as_deref() && Some(target) != me.failed_revision.as_deref() => {
-                tracing::info!(node = node_name, target, "applying revision");
+        let journal = node_helper::journal::JournalFile::new(host, &self.journal)?;
+        let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: self.csr_wait, journal: &journal };
+        // A step an earlier helper was killed in, and that is not the one asked for now, is
+        // rolled back before anything else.
+        let pending = kcm_node.pending().filter(|_| !spec.paused);
+        if let Some(why) = step.recover(spec, pending).await? {
+            tracing::warn!(node = node_name, "interrupted step rolled back: {why}");
+        }
+        // What is reported stays as it was unless this look changes it.
+        let keep = Report { observed_at: None, drift: Vec::new(), operator_pod_error: None, ..me.clone() };
+        let this_node = self.stores.node.get(&ObjectRef::new(node_name));
+        let mut report = match pending {
+            Some(target) => {
+                tracing::info!(node = node_name, %target, "applying revision");
                 match step.apply(spec, target).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(node = node_name, target, "step failed: {e}");
-                        let (unit_active, healthy) = observe(client, host, &step, spec, node_name).await;
-                        Report { failed_revision: Some(target.into()), message: Some(format!("revision {target} failed, node left as it was: {e}")), unit_active, healthy, ..keep }
+                        tracing::error!(node = node_name, %target, "step failed: {e}");
+                        let (unit_active, healthy) = observe(host, &step, spec, this_node.as_deref()).await;
+                        Report {
+                            failed_revision: Some(target.to_string()),
+                            message: Some(format!("revision {target} failed, node left as it was: {e}")),
+                            unit_active,
+                            healthy,
+                            ..keep
+                        }
                     }
                 }
             }
             _ => {
-                let (unit_active, probed) = observe(client, host, &step, spec, node_name).await;
+                let (unit_active, probed) = observe(host, &step, spec, this_node.as_deref()).await;
                 // A failed probe of a kcm that was healthy is not yet "unhealthy" (that would
                 // earn it a repair): UNHEALTHY_AFTER_PROBES in a row are.
                 self.failed_probes = if probed { 0 } else { self.failed_probes + 1 };
@@ -236,15 +302,27 @@ impl Helper {
             }
         };
         let now = k8s_openapi::jiff::Timestamp::now();
-        // Files of ours with no recorded hashes (a helper from before hashes were kept):
-        // what is there now is the baseline.
-        if report.file_hashes.is_empty() && report.applied_revision.is_some() {
-            report.file_hashes = node_helper::drift::hashes(&[&spec.paths.key, &spec.paths.cert, &spec.paths.kubeconfig, &spec.paths.unit], |p| read_host(host, p));
-        }
-        report.drift = node_helper::drift::check(&report.file_hashes, &spec.paths.cert, |p| read_host(host, p), now.as_second());
+        // Reading and hashing the files is blocking I/O: off the async runtime (the fence
+        // follows kcm every 100 ms on it).
+        let (paths, hashes, baseline, host_fs) = (spec.paths.clone(), report.file_hashes.clone(), report.applied_revision.is_some(), host.clone());
+        let (hashes, drift) = tokio::task::spawn_blocking(move || {
+            let read = |p: &str| read_host(&host_fs, p);
+            // Files of ours with no recorded hashes (a helper from before hashes were kept):
+            // what is there now is the baseline.
+            let hashes = if hashes.is_empty() && baseline {
+                node_helper::drift::hashes(&[&paths.key, &paths.cert, &paths.kubeconfig, &paths.unit], read)
+            } else {
+                hashes
+            };
+            let drift = node_helper::drift::check(&hashes, &paths.cert, read, now.as_second());
+            (hashes, drift)
+        })
+        .await
+        .context("checking the files for drift")?;
+        report.file_hashes = hashes;
+        report.drift = drift;
         report.operator_pod_error = operator_pod_error;
-        let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS)
-            || !kcm.status.as_ref().is_some_and(|s| s.nodes.iter().any(|n| n.name == node_name && n.observed_at.is_some()));
+        let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS) || me.observed_at.is_none();
         if !due {
             return Ok(());
         }
@@ -254,7 +332,10 @@ impl Helper {
         let mut sent = report.clone();
         sent.observed_at = Some(now.to_string());
         let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{node_name}")).force();
-        api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(sent.apply_body(node_name))).await.context("reporting on the KubeControllerManager status")?;
+        kube::Api::<KcmNode>::all(self.client.clone())
+            .patch_status(node_name, &pp, &kube::api::Patch::Apply(report_body(node_name, &sent)))
+            .await
+            .with_context(|| format!("reporting on KcmNode {node_name}"))?;
         self.last = Some((now.as_second(), report));
         Ok(())
     }
@@ -263,9 +344,11 @@ impl Helper {
     /// counts as unknown at once instead of healthy until the report goes stale.
     async fn stopping(&self) {
         let Some((_, last)) = &self.last else { return };
-        let api = kube::Api::<KubeControllerManager>::all(self.client.clone());
         let pp = kube::api::PatchParams::apply(&format!("{HELPER_MANAGER_PREFIX}-{}", self.node_name)).force();
-        match api.patch_status(CR_NAME, &pp, &kube::api::Patch::Apply(last.apply_body(&self.node_name))).await {
+        match kube::Api::<KcmNode>::all(self.client.clone())
+            .patch_status(&self.node_name, &pp, &kube::api::Patch::Apply(report_body(&self.node_name, last)))
+            .await
+        {
             Ok(_) => tracing::info!(node = %self.node_name, "stopping: report withdrawn"),
             Err(e) => tracing::warn!(node = %self.node_name, "stopping: withdrawing the report: {e}"),
         }
@@ -305,16 +388,19 @@ async fn own_image(client: &kube::Client) -> Result<String, String> {
     let (Ok(ns), Ok(name)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME")) else {
         return Err("POD_NAMESPACE and POD_NAME are not set: cannot tell this helper's image".into());
     };
-    let pod = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns).get(&name).await.map_err(|e| format!("reading this helper's pod {ns}/{name}: {e}"))?;
+    let pod = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+        .get(&name)
+        .await
+        .map_err(|e| format!("reading this helper's pod {ns}/{name}: {e}"))?;
     pod.spec
         .and_then(|s| s.containers.into_iter().find(|c| c.name == "node-helper").and_then(|c| c.image))
         .ok_or_else(|| format!("pod {ns}/{name} has no container node-helper with an image"))
 }
 
-async fn observe(client: &kube::Client, host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeControllerManagerSpec, node_name: &str) -> (bool, bool) {
+/// The unit's state and health; the node's address comes from the watched Node.
+async fn observe(host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeControllerManagerSpec, node: Option<&K8sNode>) -> (bool, bool) {
     let ca = host.resolve("caCert", &spec.paths.ca_cert).ok().and_then(|p| host.read(&p).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
-    let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()).get(node_name).await.ok();
-    let ip = node.as_ref().and_then(|n| kcm_operator::pki::NodeIdentity::from_node(n).ok()).map(|id| id.primary_ip());
+    let ip = node.and_then(|n| kcm_operator::pki::NodeIdentity::from_node(n).ok()).map(|id| id.primary_ip());
     match (ca, ip) {
         (Some(ca), Some(ip)) => step.observe(spec, &ca, ip).await,
         _ => (false, false),

@@ -45,10 +45,8 @@ async fn probe(ip: IpAddr, port: u16, ca_pem: &str) -> Result<Health, String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
     let mut tls = connector.connect(ServerName::IpAddress(ip.into()), tcp).await.map_err(|e| format!("TLS with {addr}: {e}"))?;
     let served = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).ok_or("no server certificate")?;
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &served)
-    );
+    let pem =
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &served));
     let serial_hex = CertInfo::from_pem(pem.as_bytes(), "served certificate").map_err(|e| e.to_string())?.serial_hex;
     let req = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     tls.write_all(req.as_bytes()).await.map_err(|e| format!("write {addr}: {e}"))?;

@@ -2,17 +2,20 @@
 //! files, adopt kubeadm's kcm (move its static pod manifest aside), restart the systemd
 //! unit when needed, and wait for kcm to answer /healthz with the certificate just
 //! written. A step that does not get healthy in time is rolled back: previous files,
-//! previous unit state, kubeadm's static pod back in place.
+//! previous unit state, kubeadm's static pod back in place. Every step is journaled on the
+//! host first ([`crate::journal`]): a helper killed in the middle resumes it or rolls it back.
 
 use std::path::Path;
 use std::time::Duration;
 
-use kcm_operator::api::{KubeControllerManagerSpec, KubeconfigMode, KCM_LEASE};
+use kcm_operator::api::{KcmNode, KcmNodeStatus, KubeControllerManagerSpec, KubeconfigMode, Revision, KCM_LEASE};
 use kcm_operator::pki::rfc3339;
+use kube::Resource;
 use serde_json::json;
 
 use crate::host::{HostFs, HostPath};
-use crate::install::{self, InstallError, Installed, NewCert, Prepared};
+use crate::install::{self, InstallError, NewCert, Prepared};
+use crate::journal::{self, Journal, JournalFile, Recovery};
 use crate::probe;
 use crate::systemd::{HostSystemd, SystemdError};
 
@@ -28,6 +31,8 @@ pub enum StepError {
     Unhealthy { secs: u64, last: String },
     #[error("kubeadm's kube-controller-manager (pids {pids:?}) still runs {secs}s after its manifest was moved aside")]
     StaticPodLingers { pids: Vec<u32>, secs: u64 },
+    #[error("{0}; rolled back")]
+    Interrupted(String),
 }
 
 /// After releasing kcm's Lease, how long (seconds) the restart waits for a follower to take
@@ -44,55 +49,18 @@ pub fn adopted_path(spec: &KubeControllerManagerSpec) -> Option<String> {
     Some(dir.join("kube-controller-manager.static-pod.yaml.adopted").display().to_string())
 }
 
-/// What the helper reports on its node's status entry.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Report {
-    pub applied_revision: Option<String>,
-    pub failed_revision: Option<String>,
-    pub cert_serial: Option<String>,
-    pub not_after: Option<String>,
-    pub kcm_version: Option<String>,
-    pub unit_active: bool,
-    pub healthy: bool,
-    pub warnings: Vec<String>,
-    pub message: Option<String>,
-    /// When the helper looked (RFC 3339); `None` in the last report of a stopping helper.
-    pub observed_at: Option<String>,
-    /// SHA-256 of each file the helper wrote, by host path.
-    pub file_hashes: std::collections::BTreeMap<String, String>,
-    /// Files that differ from what the helper wrote.
-    pub drift: Vec<String>,
-    /// Why the operator's static pod is not placed here.
-    pub operator_pod_error: Option<String>,
-}
+/// What the helper reports about its master: its KcmNode's status.
+pub type Report = KcmNodeStatus;
 
-impl Report {
-    /// The server-side apply body for `status.nodes[name=node]`, owned by this node's helper.
-    pub fn apply_body(&self, node: &str) -> serde_json::Value {
-        let mut entry = json!({"name": node, "unitActive": self.unit_active, "healthy": self.healthy, "warnings": self.warnings,
-            "fileHashes": self.file_hashes, "drift": self.drift});
-        let e = entry.as_object_mut().expect("object");
-        for (k, v) in [
-            ("appliedRevision", &self.applied_revision),
-            ("failedRevision", &self.failed_revision),
-            ("certSerial", &self.cert_serial),
-            ("notAfter", &self.not_after),
-            ("kcmVersion", &self.kcm_version),
-            ("message", &self.message),
-            ("observedAt", &self.observed_at),
-            ("operatorPodError", &self.operator_pod_error),
-        ] {
-            if let Some(v) = v {
-                e.insert(k.into(), json!(v));
-            }
-        }
-        json!({
-            "apiVersion": "kcm.kcm-operator.io/v1alpha1",
-            "kind": "KubeControllerManager",
-            "metadata": {"name": kcm_operator::approver::CR_NAME},
-            "status": {"nodes": [entry]}
-        })
-    }
+/// The server-side apply body for the status of KcmNode `node`, owned by this node's helper
+/// (field manager `kcm-node-helper-<node>`): a field left out is a field withdrawn.
+pub fn report_body(node: &str, report: &Report) -> serde_json::Value {
+    json!({
+        "apiVersion": KcmNode::api_version(&()),
+        "kind": KcmNode::kind(&()),
+        "metadata": {"name": node},
+        "status": report,
+    })
 }
 
 /// The helper's handles for one master.
@@ -102,55 +70,123 @@ pub struct Node<'a> {
     pub systemd: &'a HostSystemd,
     pub name: &'a str,
     pub csr_wait: Duration,
+    pub journal: &'a JournalFile<'a>,
 }
 
 impl Node<'_> {
-    /// Applies `revision`. On failure after files were touched, rolls back and returns the error.
-    pub async fn apply(&self, spec: &KubeControllerManagerSpec, revision: &str) -> Result<Report, StepError> {
+    /// Applies `revision`, journaled: a step an earlier helper was killed in is resumed
+    /// (its files and certificate request reused) or, past [`journal::MAX_ATTEMPTS`], rolled
+    /// back. On failure the host is put back as the journal says it was.
+    pub async fn apply(&self, spec: &KubeControllerManagerSpec, target: &Revision) -> Result<Report, StepError> {
+        let revision = target.to_string();
+        let revision = revision.as_str();
         let prepared = install::prepare(self.client, self.host, spec, self.name).await?;
-        let unit_before = self.systemd.state().await?;
-        let new_cert = kcm_operator::rollout::renewal_of(revision).map_or(NewCert::IfNeeded, NewCert::Replacing);
-        let installed = install::write(self.client, self.host, spec, &prepared, new_cert, revision, self.csr_wait).await?;
-        tracing::info!(node = self.name, revision, changed = ?installed.changed, new_cert = installed.new_cert, "files written");
-        let adopted = match self.adopt(spec).await {
-            Ok(a) => a,
-            Err(e) => {
-                self.roll_back(spec, &prepared, &installed, false, unit_before.is_active()).await;
-                return Err(e);
+        let mut j = match self.journal.load()? {
+            Some(mut j) if j.revision == revision => {
+                if let Recovery::RollBack { why } = journal::recovery(&j, Some(revision)) {
+                    self.roll_back(spec, &j).await;
+                    self.journal.remove()?;
+                    return Err(StepError::Interrupted(why));
+                }
+                j.attempts += 1;
+                tracing::warn!(node = self.name, revision, attempt = j.attempts, "resuming a step an earlier helper did not finish");
+                j
+            }
+            other => {
+                if let Some(stale) = other {
+                    tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
+                    self.roll_back(spec, &stale).await;
+                }
+                self.begin(revision, &prepared).await?
             }
         };
-        // A repair always restarts: the kcm it replaces is unhealthy or runs drifted files.
-        let repair = kcm_operator::rollout::repair_given_at(revision).is_some();
-        let needs_restart = adopted
-            || repair
-            || !unit_before.is_active()
-            || installed.changed.iter().any(|p| *p == spec.paths.unit || *p == spec.paths.kubeconfig)
-            || (installed.new_cert && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
-        let result = async {
-            if needs_restart {
-                self.restart_with_handoff().await?;
-            }
-            self.wait_healthy(spec, &prepared, &installed.cert.serial_hex).await
-        }
-        .await;
+        self.journal.save(&j)?;
+        let result = self.run_step(spec, target, &prepared, &mut j).await;
         match result {
-            Ok(()) => Ok(Report {
-                file_hashes: self.written_hashes(&prepared),
-                applied_revision: Some(revision.into()),
-                cert_serial: Some(installed.cert.serial_hex.clone()),
-                not_after: Some(rfc3339(installed.cert.not_after)),
-                kcm_version: Some(installed.kcm_version.to_string()),
-                unit_active: true,
-                healthy: true,
-                warnings: installed.warnings.clone(),
-                message: Some(format!("revision {revision} healthy{}", if needs_restart { " after restart" } else { " without restart" })),
-                ..Default::default()
-            }),
+            Ok(report) => {
+                // Healthy: the previous versions and the journal are no longer needed.
+                for hp in prepared.paths.written() {
+                    self.host.forget_previous(hp)?;
+                }
+                self.journal.remove()?;
+                Ok(report)
+            }
             Err(e) => {
-                self.roll_back(spec, &prepared, &installed, adopted, unit_before.is_active()).await;
+                self.roll_back(spec, &j).await;
+                self.journal.remove()?;
                 Err(e)
             }
         }
+    }
+
+    /// A new step's journal: the state before it. A `.prev` left from an earlier step is
+    /// removed, so after this one a `.prev` always means "this step rewrote the file".
+    async fn begin(&self, revision: &str, p: &Prepared) -> Result<Journal, StepError> {
+        let mut files = Vec::new();
+        for hp in p.paths.written() {
+            self.host.forget_previous(hp)?;
+            files.push((hp.host.display().to_string(), self.host.read_optional(hp)?.is_some()));
+        }
+        let was_active = self.systemd.state().await?.is_active();
+        Ok(Journal { revision: revision.into(), attempts: 1, was_active, files, request: None, adopting: false })
+    }
+
+    /// Whether this step rewrote or created the file (on any attempt).
+    fn changed(&self, j: &Journal, hp: &HostPath) -> bool {
+        let existed = j.files.iter().any(|(p, e)| *e && Path::new(p) == hp.host);
+        self.host.has_previous(hp) || (!existed && hp.local.exists())
+    }
+
+    async fn run_step(&self, spec: &KubeControllerManagerSpec, target: &Revision, prepared: &Prepared, j: &mut Journal) -> Result<Report, StepError> {
+        let revision = target.to_string();
+        let revision = revision.as_str();
+        let new_cert = target.renews().map_or(NewCert::IfNeeded, NewCert::Replacing);
+        let installed = install::write(self.client, self.host, spec, prepared, new_cert, revision, self.csr_wait, Some((self.journal, &mut *j))).await?;
+        journal::crash_point(self.host, "unit-written");
+        tracing::info!(node = self.name, revision, changed = ?installed.changed, new_cert = installed.new_cert, "files written");
+        self.adopt(spec, j).await?;
+        let unit_now = self.systemd.state().await?;
+        let p = &prepared.paths;
+        // A repair always restarts: the kcm it replaces is unhealthy or runs drifted files.
+        let repair = target.repair_at().is_some();
+        let needs_restart = j.adopting
+            || repair
+            || !unit_now.is_active()
+            || self.changed(j, &p.unit)
+            || self.changed(j, &p.kubeconfig)
+            || (self.changed(j, &p.cert) && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
+        if needs_restart {
+            self.restart_with_handoff().await?;
+        }
+        self.wait_healthy(spec, prepared, &installed.cert.serial_hex).await?;
+        Ok(Report {
+            file_hashes: self.written_hashes(prepared),
+            applied_revision: Some(revision.into()),
+            cert_serial: Some(installed.cert.serial_hex.clone()),
+            not_after: Some(rfc3339(installed.cert.not_after)),
+            kcm_version: Some(installed.kcm_version.to_string()),
+            unit_active: true,
+            healthy: true,
+            warnings: installed.warnings.clone(),
+            message: Some(format!("revision {revision} healthy{}", if needs_restart { " after restart" } else { " without restart" })),
+            ..Default::default()
+        })
+    }
+
+    /// Rolls back an interrupted step the journal names when it is not the one asked for
+    /// now (`pending`: the node's target while unapplied). Returns what was done.
+    pub async fn recover(&self, spec: &KubeControllerManagerSpec, pending: Option<&Revision>) -> Result<Option<String>, StepError> {
+        let pending = pending.map(Revision::to_string);
+        let pending = pending.as_deref();
+        let Some(j) = self.journal.load()? else { return Ok(None) };
+        if pending == Some(j.revision.as_str()) {
+            return Ok(None); // apply() resumes it
+        }
+        let Recovery::RollBack { why } = journal::recovery(&j, pending) else { return Ok(None) };
+        tracing::warn!(node = self.name, "{why}: rolling back");
+        self.roll_back(spec, &j).await;
+        self.journal.remove()?;
+        Ok(Some(why))
     }
 
     /// Restarts the unit. When this master's kcm holds kcm's Lease, it is stopped first and,
@@ -164,6 +200,7 @@ impl Node<'_> {
         }
         // `systemctl stop` returns once the process has exited (or was killed at TimeoutStopSec).
         self.systemd.systemctl(&["stop", &self.systemd.unit]).await?;
+        journal::crash_point(self.host, "unit-stopped");
         let state = self.systemd.state().await?;
         let proc_root = self.host.root().join("proc");
         // The fence's rule: no kube-controller-manager process of any kind left on this host
@@ -223,12 +260,15 @@ impl Node<'_> {
         crate::fence::release(&api, lease, &holder).await
     }
 
-    /// Moves kubeadm's static pod manifest aside and waits until its kcm is gone.
-    async fn adopt(&self, spec: &KubeControllerManagerSpec) -> Result<bool, StepError> {
-        let Some(kept) = adopted_path(spec) else { return Ok(false) };
+    /// Moves kubeadm's static pod manifest aside (journaled first) and waits until its kcm
+    /// is gone.
+    async fn adopt(&self, spec: &KubeControllerManagerSpec, j: &mut Journal) -> Result<(), StepError> {
+        let Some(kept) = adopted_path(spec) else { return Ok(()) };
         let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
-        let Some(body) = self.host.read_optional(&manifest)? else { return Ok(false) };
+        let Some(body) = self.host.read_optional(&manifest)? else { return Ok(()) };
         let kept = self.host.resolve("adoptedStaticPod", &kept)?;
+        j.adopting = true;
+        self.journal.save(j)?;
         self.host.write_atomic(&kept, &body, 0o600)?;
         std::fs::remove_file(&manifest.local).map_err(|source| crate::host::HostError::Io { op: "move aside", path: manifest.local.clone(), source })?;
         tracing::info!(node = self.name, kept = %kept.host.display(), "kubeadm's kcm static pod moved aside");
@@ -237,7 +277,7 @@ impl Node<'_> {
         loop {
             let pids = foreign_kcm_pids(&proc_root);
             if pids.is_empty() {
-                return Ok(true);
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(StepError::StaticPodLingers { pids, secs: 90 });
@@ -261,31 +301,40 @@ impl Node<'_> {
         Err(StepError::Unhealthy { secs, last })
     }
 
-    /// Puts the node back as it was before this step. Best effort: every failure is logged.
-    async fn roll_back(&self, spec: &KubeControllerManagerSpec, p: &Prepared, installed: &Installed, adopted: bool, was_active: bool) {
-        tracing::warn!(node = self.name, "rolling back");
-        for hp in [&p.paths.key, &p.paths.cert, &p.paths.kubeconfig, &p.paths.unit] {
-            if !installed.changed.contains(&hp.host.display().to_string()) {
-                continue;
-            }
-            match self.host.restore_previous(hp) {
+    /// Puts the node back as the journal says it was before the step: each file it rewrote
+    /// from its `.prev`, each it created removed, the unit as active or inactive as it was,
+    /// kubeadm's static pod back if the step moved it. Best effort: every failure is logged.
+    async fn roll_back(&self, spec: &KubeControllerManagerSpec, j: &Journal) {
+        tracing::warn!(node = self.name, revision = %j.revision, "rolling back");
+        for (path, existed) in &j.files {
+            let hp = match self.host.resolve("journaled file", path) {
+                Ok(hp) => hp,
+                Err(e) => {
+                    tracing::error!("rollback of {path}: {e}");
+                    continue;
+                }
+            };
+            match self.host.restore_previous(&hp) {
                 Ok(true) => {}
                 // A file this step created: remove it, the node had none.
-                Ok(false) => remove_logged(hp),
-                Err(e) => tracing::error!("rollback of {}: {e}", hp.host.display()),
+                Ok(false) if !existed && hp.local.exists() => remove_logged(&hp),
+                Ok(false) => {}
+                Err(e) => tracing::error!("rollback of {path}: {e}"),
             }
         }
-        let unit_result = if was_active { self.systemd.reload_enable_restart().await } else { self.systemd.stop_disable().await };
+        let unit_result = if j.was_active { self.systemd.reload_enable_restart().await } else { self.systemd.stop_disable().await };
         if let Err(e) = unit_result {
             tracing::error!("rollback of the unit: {e}");
         }
-        if adopted {
+        if j.adopting {
             if let Some(kept) = adopted_path(spec) {
                 let restore = async {
                     let kept = self.host.resolve("adoptedStaticPod", &kept)?;
                     let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
-                    let body = self.host.read(&kept)?;
-                    self.host.write_atomic(&manifest, &body, 0o600)?;
+                    if self.host.read_optional(&manifest)?.is_none() {
+                        let body = self.host.read(&kept)?;
+                        self.host.write_atomic(&manifest, &body, 0o600)?;
+                    }
                     Ok::<_, crate::host::HostError>(())
                 };
                 match restore.await {
@@ -298,8 +347,11 @@ impl Node<'_> {
 
     /// SHA-256 of the files a step writes (key, cert, kubeconfig, unit), as they are now.
     pub fn written_hashes(&self, p: &Prepared) -> std::collections::BTreeMap<String, String> {
-        let paths = [&p.paths.key, &p.paths.cert, &p.paths.kubeconfig, &p.paths.unit];
-        paths.iter().filter_map(|hp| self.host.read_optional(hp).ok().flatten().map(|b| (hp.host.display().to_string(), crate::drift::sha256_hex(&b)))).collect()
+        p.paths
+            .written()
+            .into_iter()
+            .filter_map(|hp| self.host.read_optional(hp).ok().flatten().map(|b| (hp.host.display().to_string(), crate::drift::sha256_hex(&b))))
+            .collect()
     }
 
     /// The unit's state and health as they are, for reports between steps.
@@ -333,7 +385,8 @@ mod tests {
 
     #[test]
     fn adopted_manifest_lives_beside_the_kubeconfig() {
-        let spec: KubeControllerManagerSpec = serde_json::from_value(json!({"apiserverUrl": "https://x:6443", "paths": {"kubeconfig": "/etc/kubernetes/kcm/kcm.kubeconfig"}})).unwrap();
+        let spec: KubeControllerManagerSpec =
+            serde_json::from_value(json!({"apiserverUrl": "https://x:6443", "paths": {"kubeconfig": "/etc/kubernetes/kcm/kcm.kubeconfig"}})).unwrap();
         assert_eq!(adopted_path(&spec).as_deref(), Some("/etc/kubernetes/kcm/kube-controller-manager.static-pod.yaml.adopted"));
         let mut none = spec.clone();
         none.paths.static_pod_manifest.clear();
@@ -341,13 +394,12 @@ mod tests {
     }
 
     #[test]
-    fn report_applies_only_its_own_fields() {
+    fn report_body_is_the_kcm_node_status_only() {
         let r = Report { applied_revision: Some("r1".into()), healthy: true, ..Default::default() };
-        let body = r.apply_body("m1");
-        let entry = &body["status"]["nodes"][0];
-        assert_eq!(entry["name"], "m1");
-        assert_eq!(entry["appliedRevision"], "r1");
-        assert!(entry.get("targetRevision").is_none(), "the operator owns targetRevision");
-        assert!(entry.get("failedRevision").is_none());
+        let body = report_body("m1", &r);
+        assert_eq!((body["kind"].as_str(), body["metadata"]["name"].as_str()), (Some("KcmNode"), Some("m1")));
+        assert_eq!(body["status"]["appliedRevision"], "r1");
+        assert!(body.get("spec").is_none(), "the operator owns the spec");
+        assert!(body["status"].get("observedAt").is_none(), "left out: withdrawn");
     }
 }

@@ -14,6 +14,10 @@ pub const GROUP: &str = "kcm.kcm-operator.io";
 pub const SIGNER_NAME: &str = "kcm.kcm-operator.io/kube-controller-manager";
 /// The identity kube-controller-manager runs as (CN and O of its certificate; seed 1.2).
 pub const KCM_USER: &str = "system:kube-controller-manager";
+/// Name of the one KubeControllerManager object per cluster.
+pub const CR_NAME: &str = "kube-controller-manager";
+/// The operator replicas' own Lease (in [`NAMESPACE`]).
+pub const OPERATOR_LEASE: &str = "kcm-operator";
 /// Namespace the node-helper DaemonSet and the operator's Lease live in.
 pub const NAMESPACE: &str = "kcm-operator";
 /// ServiceAccount of the node-helper: the only requestor whose CSRs are approved.
@@ -399,7 +403,8 @@ pub struct KubeControllerManagerStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// What is installed on one master.
+/// One master in the CR's status: the operator's side of its [`KcmNode`] and the report of
+/// its helper (an aggregate for `kubectl get kcm -o yaml`; the contract is the KcmNode).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeStatus {
@@ -410,6 +415,178 @@ pub struct NodeStatus {
     /// When this master's certificate is renewed (RFC 3339; set by the operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_at: Option<String>,
+    /// What the master's helper reports (its KcmNode's status).
+    #[serde(flatten)]
+    pub report: KcmNodeStatus,
+}
+
+impl std::ops::Deref for NodeStatus {
+    type Target = KcmNodeStatus;
+    fn deref(&self) -> &KcmNodeStatus {
+        &self.report
+    }
+}
+
+impl std::ops::DerefMut for NodeStatus {
+    fn deref_mut(&mut self) -> &mut KcmNodeStatus {
+        &mut self.report
+    }
+}
+
+impl NodeStatus {
+    /// The aggregate entry of one KcmNode.
+    pub fn of(node: &KcmNode) -> Self {
+        Self {
+            name: kube::ResourceExt::name_any(node),
+            target_revision: node.spec.target_revision.as_ref().map(Revision::to_string),
+            renew_at: node.spec.renew_at.clone(),
+            report: node.status.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A target revision: the spec's revision (see [`crate::render::spec_revision`]), and what
+/// the step does beyond applying it. Written `<spec>`, `<spec>/renew-<serial>` (renew the
+/// certificate with that hex serial) or `<spec>/repair-<unix seconds>` (reinstall and
+/// restart; the time makes a second repair of the same spec a new target).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Revision {
+    pub spec: String,
+    pub step: Step,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Step {
+    Apply,
+    Renew { serial: String },
+    Repair { at: i64 },
+}
+
+impl Revision {
+    pub fn apply(spec: &str) -> Self {
+        Self { spec: spec.into(), step: Step::Apply }
+    }
+    pub fn renew(spec: &str, serial: &str) -> Self {
+        Self { spec: spec.into(), step: Step::Renew { serial: serial.into() } }
+    }
+    pub fn repair(spec: &str, at: i64) -> Self {
+        Self { spec: spec.into(), step: Step::Repair { at } }
+    }
+    /// The serial (hex) of the certificate a renewal replaces.
+    pub fn renews(&self) -> Option<&str> {
+        match &self.step {
+            Step::Renew { serial } => Some(serial),
+            _ => None,
+        }
+    }
+    /// When a repair was given (unix seconds).
+    pub fn repair_at(&self) -> Option<i64> {
+        match self.step {
+            Step::Repair { at } => Some(at),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.step {
+            Step::Apply => write!(f, "{}", self.spec),
+            Step::Renew { serial } => write!(f, "{}/renew-{serial}", self.spec),
+            Step::Repair { at } => write!(f, "{}/repair-{at}", self.spec),
+        }
+    }
+}
+
+impl std::str::FromStr for Revision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("revision {s:?}: expected <spec>, <spec>/renew-<serial> or <spec>/repair-<unix seconds>");
+        let (spec, step) = match s.split_once('/') {
+            None => (s, Step::Apply),
+            Some((spec, rest)) => match (rest.strip_prefix("renew-"), rest.strip_prefix("repair-")) {
+                (Some(serial), _) if !serial.is_empty() && serial.chars().all(|c| c.is_ascii_hexdigit()) => (spec, Step::Renew { serial: serial.into() }),
+                (_, Some(at)) => (spec, Step::Repair { at: at.parse().map_err(|_| bad())? }),
+                _ => return Err(bad()),
+            },
+        };
+        if spec.is_empty() || !spec.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            return Err(bad());
+        }
+        Ok(Self { spec: spec.into(), step })
+    }
+}
+
+impl Serialize for Revision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Revision {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Revision {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Revision".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "maxLength": 256, "pattern": "^[A-Za-z0-9.-]+(/renew-[0-9A-Fa-f]+|/repair-[0-9]+)?$"})
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// One master's slice of the rollout: the contract between the operator and that master's
+/// helper. Cluster-scoped, named after the node, owned by the KubeControllerManager. The
+/// operator writes the spec (what to do), only that master's helper writes the status
+/// (admission enforces both: manifests/base/admission.yaml).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "kcm.kcm-operator.io",
+    version = "v1alpha1",
+    kind = "KcmNode",
+    plural = "kcmnodes",
+    status = "KcmNodeStatus",
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.appliedRevision"}"#,
+    printcolumn = r#"{"name":"Serial","type":"string","jsonPath":".status.certSerial"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.notAfter"}"#,
+    printcolumn = r#"{"name":"Renews","type":"string","jsonPath":".spec.renewAt"}"#,
+    printcolumn = r#"{"name":"Healthy","type":"boolean","jsonPath":".status.healthy"}"#,
+    printcolumn = r#"{"name":"KCM","type":"string","jsonPath":".status.kcmVersion"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRevision","priority":1}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KcmNodeSpec {
+    /// The revision the operator wants on this master (set when it is the master's turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_revision: Option<Revision>,
+    /// When this master's certificate is renewed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<String>,
+}
+
+impl KcmNode {
+    /// The revision this master's helper is working on: its target, while neither applied
+    /// nor failed.
+    pub fn pending(&self) -> Option<&Revision> {
+        let target = self.spec.target_revision.as_ref()?;
+        let st = self.status.as_ref();
+        let is = |r: Option<&String>| r.is_some_and(|r| r.parse::<Revision>().is_ok_and(|r| &r == target));
+        (!is(st.and_then(|s| s.applied_revision.as_ref())) && !is(st.and_then(|s| s.failed_revision.as_ref()))).then_some(target)
+    }
+}
+
+/// What the helper on one master reports about it (only that master's helper writes it).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KcmNodeStatus {
     /// Revision the helper last installed successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<String>,
@@ -449,4 +626,51 @@ pub struct NodeStatus {
     /// key missing, ...); absent when it is placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operator_pod_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_round_trip() {
+        for (text, rev) in [
+            ("a1b2c3d4e5f6", Revision::apply("a1b2c3d4e5f6")),
+            ("a1b2c3d4e5f6/renew-0A1b", Revision::renew("a1b2c3d4e5f6", "0A1b")),
+            ("a1b2c3d4e5f6/repair-1800000000", Revision::repair("a1b2c3d4e5f6", 1_800_000_000)),
+        ] {
+            assert_eq!(text.parse::<Revision>().unwrap(), rev);
+            assert_eq!(rev.to_string(), text);
+            assert_eq!(serde_json::to_value(&rev).unwrap(), serde_json::json!(text));
+        }
+        assert_eq!("abc/renew-ff".parse::<Revision>().unwrap().renews(), Some("ff"));
+        assert_eq!("abc/repair-12".parse::<Revision>().unwrap().repair_at(), Some(12));
+        for bad in ["", "abc/", "abc/renew-", "abc/renew-xyz", "abc/repair-soon", "abc/other-1", "a b", "abc/renew-ff/x", "x\ny"] {
+            assert!(bad.parse::<Revision>().is_err(), "{bad:?} parses");
+        }
+    }
+
+    #[test]
+    fn pending_is_the_target_while_neither_applied_nor_failed() {
+        let mut n = KcmNode::new("m1", KcmNodeSpec { target_revision: Some(Revision::apply("r2")), renew_at: None });
+        assert_eq!(n.pending(), Some(&Revision::apply("r2")));
+        n.status = Some(KcmNodeStatus { applied_revision: Some("r1".into()), ..Default::default() });
+        assert!(n.pending().is_some());
+        n.status = Some(KcmNodeStatus { applied_revision: Some("r2".into()), ..Default::default() });
+        assert_eq!(n.pending(), None);
+        n.status = Some(KcmNodeStatus { failed_revision: Some("r2".into()), ..Default::default() });
+        assert_eq!(n.pending(), None);
+        n.spec.target_revision = None;
+        assert_eq!(n.pending(), None);
+    }
+
+    #[test]
+    fn node_status_aggregates_a_kcm_node() {
+        let mut n = KcmNode::new("m1", KcmNodeSpec { target_revision: Some(Revision::renew("r1", "ab")), renew_at: Some("2027-01-01T00:00:00Z".into()) });
+        n.status = Some(KcmNodeStatus { healthy: true, cert_serial: Some("ab".into()), ..Default::default() });
+        let agg = NodeStatus::of(&n);
+        assert_eq!((agg.name.as_str(), agg.target_revision.as_deref(), agg.healthy), ("m1", Some("r1/renew-ab"), true));
+        let flat = serde_json::to_value(&agg).unwrap();
+        assert_eq!(flat["certSerial"], "ab", "the report is flattened into the entry: {flat}");
+    }
 }

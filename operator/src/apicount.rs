@@ -254,9 +254,7 @@ pub fn counted_client(config: kube::Config) -> Result<(kube::Client, Arc<ApiCoun
 /// Like [`counted_client`], counting into `counts` (e.g. one `ApiCounts` for
 /// several clients of the same process).
 pub fn counted_client_with(config: kube::Config, counts: Arc<ApiCounts>) -> Result<kube::Client, kube::Error> {
-    Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&CountLayer::new(counts))
-        .build())
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&CountLayer::new(counts)).build())
 }
 
 // ------------------------------------------------------------------ reporter
@@ -296,25 +294,16 @@ mod tests {
     #[test]
     fn classify_core_and_group_resources() {
         // Lease GET by name in kube-system (leader election).
-        assert_eq!(
-            c(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-controller-manager", None),
-            ("GET", "leases".into())
-        );
+        assert_eq!(c(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-controller-manager", None), ("GET", "leases".into()));
         // LIST nodes (cluster-scoped core resource), with list params.
         assert_eq!(c(Method::GET, "/api/v1/nodes", None), ("LIST", "nodes".into()));
-        assert_eq!(
-            c(Method::GET, "/api/v1/nodes", Some("labelSelector=node-role.kubernetes.io%2Fcontrol-plane&limit=500")),
-            ("LIST", "nodes".into())
-        );
+        assert_eq!(c(Method::GET, "/api/v1/nodes", Some("labelSelector=node-role.kubernetes.io%2Fcontrol-plane&limit=500")), ("LIST", "nodes".into()));
         // LIST in a namespace and across namespaces.
         assert_eq!(c(Method::GET, "/api/v1/namespaces/kube-system/pods", None), ("LIST", "pods".into()));
         assert_eq!(c(Method::GET, "/api/v1/pods", Some("fieldSelector=spec.nodeName%3Dm1")), ("LIST", "pods".into()));
         // GET of a Pod by name, its log subresource.
         assert_eq!(c(Method::GET, "/api/v1/namespaces/kcm-operator/pods/helper-x", None), ("GET", "pods".into()));
-        assert_eq!(
-            c(Method::GET, "/api/v1/namespaces/kcm-operator/pods/helper-x/log", Some("container=helper")),
-            ("GET", "pods/log".into())
-        );
+        assert_eq!(c(Method::GET, "/api/v1/namespaces/kcm-operator/pods/helper-x/log", Some("container=helper")), ("GET", "pods/log".into()));
     }
 
     #[test]
@@ -328,14 +317,8 @@ mod tests {
             ),
             ("WATCH", "kcmnodes".into())
         );
-        assert_eq!(
-            c(Method::GET, "/api/v1/namespaces/kube-system/pods", Some("resourceVersion=0&watch=1")),
-            ("WATCH", "pods".into())
-        );
-        assert_eq!(
-            c(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some("watch=True")),
-            ("WATCH", "leases".into())
-        );
+        assert_eq!(c(Method::GET, "/api/v1/namespaces/kube-system/pods", Some("resourceVersion=0&watch=1")), ("WATCH", "pods".into()));
+        assert_eq!(c(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some("watch=True")), ("WATCH", "leases".into()));
         // watch=false / a look-alike parameter is a LIST.
         assert_eq!(c(Method::GET, "/api/v1/nodes", Some("watch=false")), ("LIST", "nodes".into()));
         assert_eq!(c(Method::GET, "/api/v1/nodes", Some("sendInitialEvents=true&xwatch=true")), ("LIST", "nodes".into()));
@@ -365,40 +348,19 @@ mod tests {
             ("UPDATE", "certificatesigningrequests/status".into())
         );
         // CSR create (cluster-scoped collection).
-        assert_eq!(
-            c(Method::POST, "/apis/certificates.k8s.io/v1/certificatesigningrequests", None),
-            ("CREATE", "certificatesigningrequests".into())
-        );
+        assert_eq!(c(Method::POST, "/apis/certificates.k8s.io/v1/certificatesigningrequests", None), ("CREATE", "certificatesigningrequests".into()));
         // TokenRequest: POST on the token subresource of a ServiceAccount.
-        assert_eq!(
-            c(Method::POST, "/api/v1/namespaces/kcm-operator/serviceaccounts/kcm-node-helper/token", None),
-            ("CREATE", "serviceaccounts/token".into())
-        );
+        assert_eq!(c(Method::POST, "/api/v1/namespaces/kcm-operator/serviceaccounts/kcm-node-helper/token", None), ("CREATE", "serviceaccounts/token".into()));
         // Events POST in a namespace (core and events.k8s.io).
         assert_eq!(c(Method::POST, "/api/v1/namespaces/kube-system/events", None), ("CREATE", "events".into()));
-        assert_eq!(
-            c(Method::POST, "/apis/events.k8s.io/v1/namespaces/kube-system/events", None),
-            ("CREATE", "events".into())
-        );
+        assert_eq!(c(Method::POST, "/apis/events.k8s.io/v1/namespaces/kube-system/events", None), ("CREATE", "events".into()));
         // Lease renew (PUT) and create.
-        assert_eq!(
-            c(Method::PUT, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kcm-operator", None),
-            ("UPDATE", "leases".into())
-        );
-        assert_eq!(
-            c(Method::POST, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some("fieldManager=x")),
-            ("CREATE", "leases".into())
-        );
+        assert_eq!(c(Method::PUT, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kcm-operator", None), ("UPDATE", "leases".into()));
+        assert_eq!(c(Method::POST, "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", Some("fieldManager=x")), ("CREATE", "leases".into()));
         // DELETE of one object and of a collection; pod eviction.
         assert_eq!(c(Method::DELETE, "/api/v1/namespaces/kcm-operator/pods/rescue", None), ("DELETE", "pods".into()));
-        assert_eq!(
-            c(Method::DELETE, "/api/v1/namespaces/kcm-operator/pods", Some("labelSelector=a%3Db")),
-            ("DELETE", "pods".into())
-        );
-        assert_eq!(
-            c(Method::POST, "/api/v1/namespaces/kcm-operator/pods/p/eviction", None),
-            ("CREATE", "pods/eviction".into())
-        );
+        assert_eq!(c(Method::DELETE, "/api/v1/namespaces/kcm-operator/pods", Some("labelSelector=a%3Db")), ("DELETE", "pods".into()));
+        assert_eq!(c(Method::POST, "/api/v1/namespaces/kcm-operator/pods/p/eviction", None), ("CREATE", "pods/eviction".into()));
         // Trailing slash is ignored.
         assert_eq!(c(Method::GET, "/api/v1/nodes/", None), ("LIST", "nodes".into()));
         // Unusual methods keep the resource.
@@ -413,10 +375,7 @@ mod tests {
         assert_eq!(c(Method::DELETE, "/api/v1/namespaces/e2e-1", None), ("DELETE", "namespaces".into()));
         assert_eq!(c(Method::PUT, "/api/v1/namespaces/e2e-1/finalize", None), ("UPDATE", "namespaces/finalize".into()));
         assert_eq!(c(Method::GET, "/api/v1/namespaces/e2e-1/status", None), ("GET", "namespaces/status".into()));
-        assert_eq!(
-            c(Method::GET, "/api/v1/namespaces", Some("watch=true&fieldSelector=metadata.name%3De2e-1")),
-            ("WATCH", "namespaces".into())
-        );
+        assert_eq!(c(Method::GET, "/api/v1/namespaces", Some("watch=true&fieldSelector=metadata.name%3De2e-1")), ("WATCH", "namespaces".into()));
     }
 
     #[test]
@@ -429,10 +388,7 @@ mod tests {
         assert_eq!(c(Method::GET, "/api/v1", None), ("GET", "/api/v1".into()));
         assert_eq!(c(Method::GET, "/apis", None), ("GET", "/apis".into()));
         assert_eq!(c(Method::GET, "/apis/kcm.kcm-operator.io", None), ("GET", "/apis/kcm.kcm-operator.io".into()));
-        assert_eq!(
-            c(Method::GET, "/apis/kcm.kcm-operator.io/v1alpha1/", Some("watch=true")),
-            ("GET", "/apis/kcm.kcm-operator.io/v1alpha1".into())
-        );
+        assert_eq!(c(Method::GET, "/apis/kcm.kcm-operator.io/v1alpha1/", Some("watch=true")), ("GET", "/apis/kcm.kcm-operator.io/v1alpha1".into()));
         assert_eq!(c(Method::GET, "/", None), ("GET", "/".into()));
         assert_eq!(c(Method::GET, "", None), ("GET", "/".into()));
     }
@@ -445,8 +401,7 @@ mod tests {
         counts.record_request(&Method::GET, "/api/v1/nodes", None);
         counts.record("WATCH", "kcmnodes");
         let snap = counts.snapshot();
-        let want: BTreeMap<Key, u64> =
-            [(key("GET", "leases"), 2), (key("LIST", "nodes"), 1), (key("WATCH", "kcmnodes"), 1)].into();
+        let want: BTreeMap<Key, u64> = [(key("GET", "leases"), 2), (key("LIST", "nodes"), 1), (key("WATCH", "kcmnodes"), 1)].into();
         assert_eq!(snap.counts, want);
     }
 
@@ -473,25 +428,12 @@ mod tests {
         let before = snap(t0, &[("GET", "leases", 10), ("PATCH", "kubecontrollermanagers/status", 4), ("LIST", "nodes", 3)]);
         let after = snap(
             t0 + Duration::from_secs(300),
-            &[
-                ("GET", "leases", 160),
-                ("PATCH", "kubecontrollermanagers/status", 34),
-                ("LIST", "nodes", 3),
-                ("WATCH", "kcmnodes", 1),
-            ],
+            &[("GET", "leases", 160), ("PATCH", "kubecontrollermanagers/status", 34), ("LIST", "nodes", 3), ("WATCH", "kcmnodes", 1)],
         );
         let rates = per_minute(&before, &after);
-        let want: Rates = [
-            (key("GET", "leases"), 30.0),
-            (key("PATCH", "kubecontrollermanagers/status"), 6.0),
-            (key("WATCH", "kcmnodes"), 0.2),
-        ]
-        .into();
+        let want: Rates = [(key("GET", "leases"), 30.0), (key("PATCH", "kubecontrollermanagers/status"), 6.0), (key("WATCH", "kcmnodes"), 0.2)].into();
         assert_eq!(rates, want, "unchanged LIST nodes is left out");
-        assert_eq!(
-            format_line(&rates),
-            "api requests/min: GET leases=30 PATCH kubecontrollermanagers/status=6 WATCH kcmnodes=0.2 total=36.2"
-        );
+        assert_eq!(format_line(&rates), "api requests/min: GET leases=30 PATCH kubecontrollermanagers/status=6 WATCH kcmnodes=0.2 total=36.2");
         // Over 30 s a single request is 2/min.
         let rates = per_minute(&snap(t0, &[]), &snap(t0 + Duration::from_secs(30), &[("CREATE", "events", 1)]));
         assert_eq!(format_line(&rates), "api requests/min: CREATE events=2 total=2");
@@ -538,10 +480,7 @@ mod tests {
     async fn reporter_logs_the_line_with_who() {
         let buf = Buf::default();
         let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let counts = Arc::new(ApiCounts::new());
@@ -579,9 +518,8 @@ mod tests {
         use tower::{Layer, Service};
         let counts = Arc::new(ApiCounts::new());
         let mut svc = CountLayer::new(counts.clone()).layer(Echo);
-        let req = http::Request::patch("/apis/kcm.kcm-operator.io/v1alpha1/kubecontrollermanagers/kube-controller-manager/status?fieldManager=x")
-            .body(())
-            .unwrap();
+        let req =
+            http::Request::patch("/apis/kcm.kcm-operator.io/v1alpha1/kubecontrollermanagers/kube-controller-manager/status?fieldManager=x").body(()).unwrap();
         std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
         let resp = svc.call(req).await.unwrap();
         assert_eq!(resp, "/apis/kcm.kcm-operator.io/v1alpha1/kubecontrollermanagers/kube-controller-manager/status?fieldManager=x");

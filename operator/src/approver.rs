@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -17,29 +17,22 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use crate::api::{
-    KubeControllerManager, KubeControllerManagerSpec, NodeStatus, CSR_REVISION_ANNOTATION, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, NAMESPACE, NODE_NAME_EXTRA,
-    POD_NAME_EXTRA, RESCUE_APP, SIGNER_NAME,
+    KcmNode, KubeControllerManager, KubeControllerManagerSpec, Revision, CR_NAME, CSR_REVISION_ANNOTATION, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, NAMESPACE,
+    NODE_NAME_EXTRA, POD_NAME_EXTRA, RESCUE_APP, SIGNER_NAME,
 };
+use crate::kube_error::{kube_err, KubeError};
 use crate::pki::NodeIdentity;
 use crate::rescue::rescue_pod_name;
 use crate::signer::{self, Ca, CsrFacts, Lookups, NodeFacts, PodFacts, Policy};
 
-/// Name of the one KubeControllerManager object per cluster.
-pub const CR_NAME: &str = "kube-controller-manager";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApproverError {
-    #[error("{what}: {source}")]
-    Kube { what: String, source: kube::Error },
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("cluster CA: {0}")]
     Ca(#[from] crate::pki::PkiError),
-}
-
-fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ApproverError {
-    let what = what.into();
-    move |source| ApproverError::Kube { what, source }
 }
 
 /// Where the signer finds the cluster CA, and whose CSRs it accepts.
@@ -107,7 +100,10 @@ async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, c
     let ns = &ctx.config.helper_namespace;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     if let Some(pod) = pods.get_opt(pod_name).await.map_err(kube_err(format!("reading pod {ns}/{pod_name}")))? {
-        let ds = Api::<DaemonSet>::namespaced(ctx.client.clone(), ns).get_opt(HELPER_DAEMONSET).await.map_err(kube_err(format!("reading DaemonSet {ns}/{HELPER_DAEMONSET}")))?;
+        let ds = Api::<DaemonSet>::namespaced(ctx.client.clone(), ns)
+            .get_opt(HELPER_DAEMONSET)
+            .await
+            .map_err(kube_err(format!("reading DaemonSet {ns}/{HELPER_DAEMONSET}")))?;
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
         found.pod = Some(PodFacts {
             uid: pod.uid().unwrap_or_default(),
@@ -119,7 +115,8 @@ async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, c
     if let Some(node) = Api::<Node>::all(ctx.client.clone()).get_opt(node_name).await.map_err(kube_err(format!("reading node {node_name}")))? {
         found.node = NodeIdentity::from_node(&node).ok().map(|identity| NodeFacts { identity, is_master: is_master(&node, &kcm.spec.master_selector) });
     }
-    found.pending_revision = kcm.status.as_ref().and_then(|s| s.nodes.iter().find(|n| n.name == node_name)).and_then(pending_revision);
+    let kcm_node = Api::<KcmNode>::all(ctx.client.clone()).get_opt(node_name).await.map_err(kube_err(format!("reading KcmNode {node_name}")))?;
+    found.pending_revision = kcm_node.as_ref().and_then(KcmNode::pending).map(Revision::to_string);
     if let Some(rev) = facts.revision.filter(|r| found.pending_revision.as_deref() == Some(*r)) {
         let lp = ListParams::default().labels(&format!("{}={node_name}", crate::api::CSR_NODE_LABEL)).fields(&format!("spec.signerName={SIGNER_NAME}"));
         let csrs = Api::<CertificateSigningRequest>::all(ctx.client.clone()).list(&lp).await.map_err(kube_err(format!("listing CSRs of node {node_name}")))?;
@@ -132,12 +129,6 @@ async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, c
             .collect();
     }
     Ok(found)
-}
-
-/// The revision a node's helper is working on: its target, while neither applied nor failed.
-pub fn pending_revision(node: &NodeStatus) -> Option<String> {
-    let target = node.target_revision.as_ref()?;
-    (node.applied_revision.as_ref() != Some(target) && node.failed_revision.as_ref() != Some(target)).then(|| target.clone())
 }
 
 fn decided(csr: &CertificateSigningRequest) -> (bool, bool) {
@@ -222,7 +213,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         Err(kube::Error::Api(e)) if e.code == 422 && api.get_status(&name).await.is_ok_and(|c| c.status.and_then(|s| s.certificate).is_some()) => {
             return Ok(Action::await_change());
         }
-        Err(e) => return Err(kube_err(format!("issuing CSR {name}"))(e)),
+        Err(e) => return Err(kube_err(format!("issuing CSR {name}"))(e).into()),
     }
     tracing::info!(csr = %name, node = %accepted.node, "approved and issued");
     Ok(Action::await_change())

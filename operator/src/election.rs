@@ -24,9 +24,6 @@ use tokio::time::Instant;
 
 use crate::api::NAMESPACE;
 
-/// Name of the operator replicas' Lease (in [`NAMESPACE`]).
-pub const LEASE_NAME: &str = "kcm-operator";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ElectionError {
     #[error("Lease {namespace}/{name}: {source}")]
@@ -54,7 +51,7 @@ impl ElectionConfig {
     pub fn new(identity: impl Into<String>) -> Self {
         Self {
             namespace: NAMESPACE.into(),
-            name: LEASE_NAME.into(),
+            name: crate::api::OPERATOR_LEASE.into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
@@ -410,7 +407,7 @@ mod tests {
         let c = ElectionConfig::new("x");
         assert!(c.renew_deadline + Duration::from_secs(3) < c.lease_duration, "margin for clock skew");
         assert!(c.renew_period < c.renew_deadline);
-        assert_eq!((c.namespace.as_str(), c.name.as_str()), (NAMESPACE, LEASE_NAME));
+        assert_eq!((c.namespace.as_str(), c.name.as_str()), (NAMESPACE, crate::api::OPERATOR_LEASE));
     }
 
     #[test]

@@ -52,7 +52,9 @@ impl UnitValueError {
 /// cuts at NUL.
 pub fn refuse_control(field: &str, value: &str) -> Result<(), UnitValueError> {
     match value.chars().find(|c| c.is_control()) {
-        Some(c) => Err(UnitValueError::new(field, value, format!("it contains the control character U+{:04X}, which systemd cannot take literally", u32::from(c)))),
+        Some(c) => {
+            Err(UnitValueError::new(field, value, format!("it contains the control character U+{:04X}, which systemd cannot take literally", u32::from(c))))
+        }
         None => Ok(()),
     }
 }
@@ -167,9 +169,9 @@ fn fate(flag: &Flag, v: KcmVersion) -> Fate {
         "address" if v.at_least(24) => Fate::Drop("--address dropped: the insecure port was removed in 1.24".into()),
         "experimental-cluster-signing-duration" if v.at_least(19) => Fate::Rename("cluster-signing-duration"),
         "cluster-signing-duration" if !v.at_least(19) => Fate::Rename("experimental-cluster-signing-duration"),
-        "pod-eviction-timeout" if v.at_least(27) => Fate::Drop(
-            "--pod-eviction-timeout dropped: removed in 1.27; eviction follows taint tolerations (default 300s)".into(),
-        ),
+        "pod-eviction-timeout" if v.at_least(27) => {
+            Fate::Drop("--pod-eviction-timeout dropped: removed in 1.27; eviction follows taint tolerations (default 300s)".into())
+        }
         name if v.at_least(26) && KLOG_REMOVED_1_26.contains(&name) => {
             Fate::Drop(format!("--{name} dropped: klog flags were removed in 1.26; kcm logs to stderr (the journal)"))
         }
@@ -197,11 +199,7 @@ pub fn translate(flags: &[Flag], version: KcmVersion, accepted: Option<&BTreeSet
         };
         if let Some(accepted) = accepted {
             if !accepted.contains(&placed.name) {
-                return Err(FlagError::Refused {
-                    flag: placed.name,
-                    version,
-                    reason: "the binary's --help does not list it".into(),
-                });
+                return Err(FlagError::Refused { flag: placed.name, version, reason: "the binary's --help does not list it".into() });
             }
         }
         out.flags.push(placed);

@@ -139,14 +139,15 @@ pub struct HostIdentity {
 impl HostIdentity {
     /// Reads the CA from the host, mints a fresh certificate and builds a client with it.
     /// Returns the certificate too, for its renewal time.
-    pub async fn client(&self) -> Result<(kube::Client, ClientCert)> {
+    /// Its requests are counted in `counts`.
+    pub async fn client(&self, counts: &std::sync::Arc<crate::apicount::ApiCounts>) -> Result<(kube::Client, ClientCert)> {
         let ca_cert = read(&self.ca_cert)?;
         let ca_key = read(&self.ca_key)?;
         let cert = mint(&ca_cert, &ca_key, now(), self.validity)?;
         let kc = kubeconfig(&self.apiserver, &ca_cert, &cert)?;
         let bad = |reason: String| IdentityError::Kubeconfig { apiserver: self.apiserver.clone(), reason };
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| bad(e.to_string()))?;
-        let client = kube::Client::try_from(config).map_err(|e| bad(e.to_string()))?;
+        let client = crate::apicount::counted_client_with(config, counts.clone()).map_err(|e| bad(e.to_string()))?;
         Ok((client, cert))
     }
 }

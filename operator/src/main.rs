@@ -103,14 +103,20 @@ async fn main() -> anyhow::Result<()> {
     kcm_operator::logging::init(&args.log_format);
     if let Some(Cmd::StaticPod { cr, image }) = &args.cmd {
         let text = std::fs::read_to_string(cr).with_context(|| format!("reading {}", cr.display()))?;
-        let kcm: kcm_operator::api::KubeControllerManager = serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KubeControllerManager", cr.display()))?;
+        let kcm: kcm_operator::api::KubeControllerManager =
+            serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KubeControllerManager", cr.display()))?;
         print!("{}", kcm_operator::staticpod::operator_pod(&kcm.spec, image));
         return Ok(());
     }
     let mut signer = SignerConfig::new(&args.ca_cert, &args.ca_key);
     signer.helper_namespace = args.helper_namespace.clone();
     let election = args.elect.then(|| ElectionConfig::new(args.lease_identity.clone().unwrap_or_else(election::default_identity)));
-    let host = HostIdentity { ca_cert: args.ca_cert.clone().into(), ca_key: args.ca_key.clone().into(), apiserver: args.apiserver.clone(), validity: args.client_cert_validity };
+    let host = HostIdentity {
+        ca_cert: args.ca_cert.clone().into(),
+        ca_key: args.ca_key.clone().into(),
+        apiserver: args.apiserver.clone(),
+        validity: args.client_cert_validity,
+    };
 
     let ready = Ready::default();
     if let Some(addr) = args.health_addr {
@@ -119,14 +125,20 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%addr, "serving /healthz and /readyz");
     }
 
+    // Every API request of this process, by verb and resource: logged once a minute.
+    let counts = std::sync::Arc::new(kcm_operator::apicount::ApiCounts::new());
+    kcm_operator::apicount::spawn_reporter(counts.clone(), Duration::from_secs(60), "kcm-operator");
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         // A client for this session, and when it must be replaced.
         let (client, renew_in) = match args.identity {
-            IdentityMode::InCluster => (kube::Client::try_default().await.context("building Kubernetes client")?, None),
+            IdentityMode::InCluster => {
+                let config = kube::Config::infer().await.context("Kubernetes client configuration")?;
+                (kcm_operator::apicount::counted_client_with(config, counts.clone()).context("building Kubernetes client")?, None)
+            }
             IdentityMode::Host => {
-                let (client, cert) = host.client().await.context("minting the operator's client certificate from the host CA")?;
+                let (client, cert) = host.client(&counts).await.context("minting the operator's client certificate from the host CA")?;
                 let renew_in = identity::renew_in(cert.issued_at, cert.not_after, identity::now());
                 tracing::info!(user = identity::OPERATOR_USER, apiserver = %args.apiserver, not_after = %kcm_operator::pki::rfc3339(cert.not_after),
                     "client certificate minted from {}; renewal in {}s", args.ca_cert, renew_in.as_secs());

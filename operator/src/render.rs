@@ -126,9 +126,8 @@ fn executable(path: &str) -> Result<String, UnitValueError> {
 /// reads it back literally (see [`exec_word`]); a control character anywhere is refused.
 pub fn unit(spec: &KubeControllerManagerSpec, flags: &[Flag]) -> Result<String, RenderError> {
     refuse_control_in_spec(spec)?;
-    let mut s = String::from(
-        "[Unit]\nDescription=Kubernetes Controller Manager\nDocumentation=https://github.com/GoogleCloudPlatform/kubernetes\n\n[Service]\n",
-    );
+    let mut s =
+        String::from("[Unit]\nDescription=Kubernetes Controller Manager\nDocumentation=https://github.com/GoogleCloudPlatform/kubernetes\n\n[Service]\n");
     s.push_str(&format!("WorkingDirectory={}\n", working_directory(&spec.kcm.working_dir)?));
     s.push_str(&format!("ExecStart={}", executable(&spec.kcm.binary_path)?));
     for f in flags {
@@ -206,18 +205,12 @@ struct ContextBody<'a> {
 pub fn kubeconfig(spec: &KubeControllerManagerSpec, ca_pem: &str, creds: ClientCredentials<'_>) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
     let user = match creds {
-        ClientCredentials::Files { cert, key } => UserBody {
-            client_certificate: Some(cert.into()),
-            client_key: Some(key.into()),
-            client_certificate_data: None,
-            client_key_data: None,
-        },
-        ClientCredentials::Embedded { cert_pem, key_pem } => UserBody {
-            client_certificate: None,
-            client_key: None,
-            client_certificate_data: Some(b64(cert_pem)),
-            client_key_data: Some(b64(key_pem)),
-        },
+        ClientCredentials::Files { cert, key } => {
+            UserBody { client_certificate: Some(cert.into()), client_key: Some(key.into()), client_certificate_data: None, client_key_data: None }
+        }
+        ClientCredentials::Embedded { cert_pem, key_pem } => {
+            UserBody { client_certificate: None, client_key: None, client_certificate_data: Some(b64(cert_pem)), client_key_data: Some(b64(key_pem)) }
+        }
     };
     let kc = Kubeconfig {
         api_version: "v1",

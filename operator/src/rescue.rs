@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::ResourceExt;
 
 use crate::api::{HELPER_APP, HELPER_DAEMONSET, NAMESPACE, RESCUE_APP};
@@ -93,7 +93,11 @@ pub fn rescue_pod(ds: &DaemonSet, node: &str) -> Option<Pod> {
     let mut labels: BTreeMap<String, String> = template.metadata.and_then(|m| m.labels).unwrap_or_default();
     labels.insert("app.kubernetes.io/name".into(), RESCUE_APP.into());
     labels.insert(crate::api::CSR_NODE_LABEL.into(), node.to_string());
-    Some(Pod { metadata: ObjectMeta { name: Some(rescue_pod_name(node)), namespace: Some(NAMESPACE.into()), labels: Some(labels), ..Default::default() }, spec: Some(spec), status: None })
+    Some(Pod {
+        metadata: ObjectMeta { name: Some(rescue_pod_name(node)), namespace: Some(NAMESPACE.into()), labels: Some(labels), ..Default::default() },
+        spec: Some(spec),
+        status: None,
+    })
 }
 
 fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
@@ -108,7 +112,11 @@ fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
     // A DaemonSet pod not bound yet names its node in its required node affinity.
     let node = spec.node_name.clone().or_else(|| {
         let terms = &spec.affinity.as_ref()?.node_affinity.as_ref()?.required_during_scheduling_ignored_during_execution.as_ref()?.node_selector_terms;
-        terms.iter().flat_map(|t| t.match_fields.iter().flatten()).find(|f| f.key == "metadata.name" && f.operator == "In").and_then(|f| f.values.as_ref()?.first().cloned())
+        terms
+            .iter()
+            .flat_map(|t| t.match_fields.iter().flatten())
+            .find(|f| f.key == "metadata.name" && f.operator == "In")
+            .and_then(|f| f.values.as_ref()?.first().cloned())
     })?;
     let status = p.status.clone().unwrap_or_default();
     let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
@@ -117,28 +125,32 @@ fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
     Some(HelperPod { name: p.name_any(), node, rescue, ready, gone: finished || p.metadata.deletion_timestamp.is_some(), age_secs: now - created })
 }
 
-/// One round: lists the helper pods, and creates or deletes rescue pods per [`plan`].
-/// Returns what it did, for the caller's log and Events.
-pub async fn run_once(client: &kube::Client, masters: &[String], ca_pem: Option<&str>, now: i64) -> Result<Vec<String>, kube::Error> {
+/// One round over the watched helper pods and DaemonSet: creates or deletes rescue pods per
+/// [`plan`], and `kube-root-ca.crt` when it is missing and a rescue pod is needed. Returns
+/// what it did, for the caller's log and Events.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_once(
+    client: &kube::Client,
+    masters: &[String],
+    pods: &[std::sync::Arc<Pod>],
+    ds: Option<&DaemonSet>,
+    root_ca_missing: bool,
+    ca_pem: Option<&str>,
+    now: i64,
+) -> Result<Vec<String>, kube::Error> {
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let listed = pods_api.list(&ListParams::default().labels(&format!("app.kubernetes.io/name in ({HELPER_APP},{RESCUE_APP})"))).await?;
-    let pods: Vec<HelperPod> = listed.items.iter().filter_map(|p| helper_pod(p, now)).collect();
-    let actions = plan(masters, &pods);
+    let helpers: Vec<HelperPod> = pods.iter().filter_map(|p| helper_pod(p, now)).collect();
+    let actions = plan(masters, &helpers);
     let mut done = Vec::new();
-    if actions.is_empty() {
-        return Ok(done);
+    if actions.iter().any(|a| matches!(a, RescueAction::Create { .. })) && root_ca_missing {
+        if let Some(ca) = ca_pem {
+            create_root_ca(client, ca).await?;
+        }
     }
-    let mut ds = None;
     for a in actions {
         match a {
             RescueAction::Create { node } => {
-                if ds.is_none() {
-                    ds = Api::<DaemonSet>::namespaced(client.clone(), NAMESPACE).get_opt(HELPER_DAEMONSET).await?;
-                    if let Some(ca) = ca_pem {
-                        ensure_root_ca(client, ca).await?;
-                    }
-                }
-                let Some(pod) = ds.as_ref().and_then(|d| rescue_pod(d, &node)) else {
+                let Some(pod) = ds.and_then(|d| rescue_pod(d, &node)) else {
                     done.push(format!("{node}: no helper runs, and DaemonSet {NAMESPACE}/{HELPER_DAEMONSET} is missing: cannot make a rescue pod"));
                     break;
                 };
@@ -158,14 +170,11 @@ pub async fn run_once(client: &kube::Client, masters: &[String], ca_pem: Option<
     Ok(done)
 }
 
-/// Makes `kube-root-ca.crt` in the operator's namespace when it is missing (kcm's root-ca
+/// Makes `kube-root-ca.crt` in the operator's namespace, which is missing (kcm's root-ca
 /// publisher makes it; with no kcm nothing does, and no pod with a ServiceAccount token
 /// volume can start). kcm takes it over once it runs.
-pub async fn ensure_root_ca(client: &kube::Client, ca_pem: &str) -> Result<(), kube::Error> {
+pub async fn create_root_ca(client: &kube::Client, ca_pem: &str) -> Result<(), kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
-    if api.get_opt(ROOT_CA_CONFIGMAP).await?.is_some() {
-        return Ok(());
-    }
     let cm = ConfigMap {
         metadata: ObjectMeta { name: Some(ROOT_CA_CONFIGMAP.into()), namespace: Some(NAMESPACE.into()), ..Default::default() },
         data: Some([("ca.crt".to_string(), ca_pem.to_string())].into()),

@@ -1,25 +1,32 @@
 //! Rollout, one master at a time: which node gets the next revision (the kcm leader's
-//! node last), when to wait, when to stop. [`decide`] is pure; [`run`] reads the CR,
-//! the masters and kcm's Lease, writes the target revision and the status.
+//! node last), when to wait, when to stop. [`decide`] is pure; [`run`] keeps the CR, the
+//! masters, their KcmNodes and kcm's Lease in watched stores, writes each master's KcmNode
+//! spec (its target revision) and the CR's aggregate status when they change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use crate::watch::{by_name, reflect};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use tokio::sync::Notify;
 
-use crate::api::{KubeControllerManager, KubeControllerManagerSpec, NodeStatus, KCM_LEASE, OPERATOR_MANAGER, STALE_AFTER_SECS};
-use crate::approver::{is_master, CR_NAME};
+use crate::api::CR_NAME;
+use crate::api::{
+    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, NodeStatus, Revision, HELPER_APP, HELPER_DAEMONSET,
+    KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RESCUE_APP, STALE_AFTER_SECS,
+};
+use crate::approver::is_master;
+use crate::kube_error::{kube_err, KubeError};
 use crate::render::spec_revision;
 
 /// What to do next.
@@ -39,9 +46,9 @@ pub enum Decision {
     Backoff { node: String, reason: String },
 }
 
-/// The spec part of a target revision (`<spec>` or `<spec>/renew-<serial>`).
-pub fn spec_part(revision: &str) -> &str {
-    revision.split_once('/').map_or(revision, |(s, _)| s)
+/// The spec part of a target revision ([`Revision`]), `None` when it does not parse.
+pub fn spec_part(revision: &str) -> Option<String> {
+    revision.parse::<Revision>().ok().map(|r| r.spec)
 }
 
 /// Whether a certificate expiring at `not_after` (unix) is due for renewal under `spec`.
@@ -64,8 +71,8 @@ fn parse_time(s: &str) -> Option<i64> {
 /// capped by the cluster CA's notAfter is not renewed again under that CA (it cannot get
 /// longer): see [`ca_expiring`].
 fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_after: Option<i64>, now: i64) -> Option<(String, String)> {
-    let applied = n.applied_revision.as_deref().map(spec_part);
-    if applied != Some(rev) {
+    let applied = n.applied_revision.as_deref().and_then(spec_part);
+    if applied.as_deref() != Some(rev) {
         return Some((rev.to_string(), format!("runs {}, spec is {rev}", n.applied_revision.as_deref().unwrap_or("nothing of ours"))));
     }
     let not_after = n.not_after.as_deref().and_then(parse_time)?;
@@ -73,7 +80,8 @@ fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_af
     if capped_by_ca(not_after, ca_not_after) {
         return None;
     }
-    renewal_due(spec, not_after, now).then(|| (format!("{rev}/renew-{serial}"), format!("certificate {serial} expires {}", n.not_after.as_deref().unwrap_or("?"))))
+    renewal_due(spec, not_after, now)
+        .then(|| (Revision::renew(rev, serial).to_string(), format!("certificate {serial} expires {}", n.not_after.as_deref().unwrap_or("?"))))
 }
 
 /// Whether a certificate ending at `not_after` was cut short by the CA's own notAfter
@@ -150,17 +158,12 @@ pub fn problems(n: &NodeStatus, now: i64) -> Vec<String> {
 /// The revision that repairs a master: the spec's, tagged with when it was given, so a
 /// second repair of the same spec is a new target.
 pub fn repair_revision(rev: &str, now: i64) -> String {
-    format!("{rev}/repair-{now}")
+    Revision::repair(rev, now).to_string()
 }
 
 /// When a repair revision was given (unix seconds), `None` for other revisions.
 pub fn repair_given_at(revision: &str) -> Option<i64> {
-    revision.split_once("/repair-").and_then(|(_, t)| t.parse().ok())
-}
-
-/// The serial (hex) of the certificate a renewal revision (`<spec>/renew-<serial>`) replaces.
-pub fn renewal_of(revision: &str) -> Option<&str> {
-    revision.split_once("/renew-").map(|(_, serial)| serial).filter(|s| !s.is_empty())
+    revision.parse::<Revision>().ok()?.repair_at()
 }
 
 /// After a failed repair, the next one waits this long (seconds) past the step's own deadline.
@@ -214,7 +217,7 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     // master gets it, not even as a repair, until the spec changes.
     for n in &nodes {
         if let Some(t) = n.target_revision.as_deref() {
-            if n.failed_revision.as_deref() == Some(t) && spec_part(t) == rev && repair_given_at(t).is_none() {
+            if n.failed_revision.as_deref() == Some(t) && spec_part(t).as_deref() == Some(rev.as_str()) && repair_given_at(t).is_none() {
                 return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
             }
         }
@@ -249,20 +252,21 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     // certificates are of the same round (ending at most a round window after the leader's),
     // so the leader's master still goes last. A follower renewed since is not pulled again.
     let leader_not_after = next.not_after.as_deref().and_then(parse_time);
-    if let (true, true, Some(leader_not_after)) = (is_leader(next), revision.contains("/renew-"), leader_not_after) {
+    let renewal = revision.parse::<Revision>().is_ok_and(|r| r.renews().is_some());
+    if let (true, true, Some(leader_not_after)) = (is_leader(next), renewal, leader_not_after) {
         let early = nodes
             .iter()
-            .filter(|n| !is_leader(n) && fresh(n, now) && n.applied_revision.as_deref().map(spec_part) == Some(rev.as_str()))
+            .filter(|n| !is_leader(n) && fresh(n, now) && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()))
             .filter_map(|n| {
                 let not_after = n.not_after.as_deref().and_then(parse_time)?;
                 let serial = n.cert_serial.as_deref()?;
                 let at = renew_at(spec, not_after);
-                (!capped_by_ca(not_after, f.ca_not_after) && not_after <= leader_not_after + round_window(spec)).then(|| (at, n, serial))
+                (!capped_by_ca(not_after, f.ca_not_after) && not_after <= leader_not_after + round_window(spec)).then_some((at, n, serial))
             })
             .min_by_key(|(at, n, _)| (*at, n.name.clone()));
         if let Some((at, n, serial)) = early {
             next = n;
-            revision = format!("{rev}/renew-{serial}");
+            revision = Revision::renew(&rev, serial).to_string();
             why = format!("certificate {serial} renewed {}s early, in the leader's round, before the leader's", (at - now).max(0));
         }
     }
@@ -299,19 +303,19 @@ pub fn leader_node(holder: Option<&str>) -> Option<String> {
 pub fn set_condition(conds: &mut Vec<Condition>, type_: &str, status: bool, reason: &str, message: &str, generation: Option<i64>, now: Time) {
     let status = if status { "True" } else { "False" }.to_string();
     let last = conds.iter().find(|c| c.type_ == type_).filter(|c| c.status == status).map(|c| c.last_transition_time.clone()).unwrap_or(now);
-    conds.retain(|c| c.type_ != type_);
-    conds.push(Condition { type_: type_.into(), status, reason: reason.into(), message: message.into(), observed_generation: generation, last_transition_time: last });
+    let cond =
+        Condition { type_: type_.into(), status, reason: reason.into(), message: message.into(), observed_generation: generation, last_transition_time: last };
+    // In place: an unchanged condition leaves the list equal, so no status write is needed.
+    match conds.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => *c = cond,
+        None => conds.push(cond),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
-    #[error("{what}: {source}")]
-    Kube { what: String, source: kube::Error },
-}
-
-fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> RolloutError {
-    let what = what.into();
-    move |source| RolloutError::Kube { what, source }
+    #[error(transparent)]
+    Kube(#[from] KubeError),
 }
 
 struct Ctx {
@@ -320,12 +324,61 @@ struct Ctx {
     /// The cluster CA certificate the signer issues under (its notAfter caps renewals; its
     /// PEM seeds `kube-root-ca.crt` when no kcm has published it).
     ca_cert: std::path::PathBuf,
+    stores: Stores,
+}
+
+/// What the operator knows of the cluster, kept current by watches: a reconcile reads only
+/// these, and calls the API only to change something.
+#[derive(Clone)]
+pub struct Stores {
+    pub kcm: Store<KubeControllerManager>,
+    pub kcm_nodes: Store<KcmNode>,
+    pub nodes: Store<Node>,
+    /// kcm's Lease only.
+    pub kcm_lease: Store<Lease>,
+    /// Helper and rescue pods in [`NAMESPACE`].
+    pub helper_pods: Store<Pod>,
+    /// The helper DaemonSet only.
+    pub helper_ds: Store<DaemonSet>,
+    /// `kube-root-ca.crt` in [`NAMESPACE`] only.
+    pub root_ca: Store<ConfigMap>,
+}
+
+impl Stores {
+    /// The stores, and the watches that fill them (run them while the stores are used).
+    pub fn watch(client: &kube::Client, wake: Arc<Notify>) -> (Self, Vec<futures::future::BoxFuture<'static, ()>>) {
+        let (kcm, a) = reflect(Api::all(client.clone()), by_name(CR_NAME), wake.clone());
+        let (kcm_nodes, b) = reflect(Api::all(client.clone()), watcher::Config::default(), wake.clone());
+        let (nodes, c) = reflect(Api::all(client.clone()), watcher::Config::default(), wake.clone());
+        let (kcm_lease, d) = reflect(Api::namespaced(client.clone(), KCM_LEASE.0), by_name(KCM_LEASE.1), wake.clone());
+        let helpers = watcher::Config::default().labels(&format!("app.kubernetes.io/name in ({HELPER_APP},{RESCUE_APP})"));
+        let (helper_pods, e) = reflect(Api::namespaced(client.clone(), NAMESPACE), helpers, wake.clone());
+        let (helper_ds, f) = reflect(Api::namespaced(client.clone(), NAMESPACE), by_name(HELPER_DAEMONSET), wake.clone());
+        let (root_ca, g) = reflect(Api::namespaced(client.clone(), NAMESPACE), by_name(crate::rescue::ROOT_CA_CONFIGMAP), wake);
+        (Self { kcm, kcm_nodes, nodes, kcm_lease, helper_pods, helper_ds, root_ca }, vec![a, b, c, d, e, f, g])
+    }
+
+    async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.kcm.wait_until_ready().await?;
+        self.kcm_nodes.wait_until_ready().await?;
+        self.nodes.wait_until_ready().await?;
+        self.kcm_lease.wait_until_ready().await?;
+        self.helper_pods.wait_until_ready().await?;
+        self.helper_ds.wait_until_ready().await?;
+        self.root_ca.wait_until_ready().await
+    }
 }
 
 /// The CR's aggregate status from the per-node reports (pure): READY counts only fresh
 /// healthy reports; Available is True while at least one master is healthy; Degraded names
 /// the most urgent reason.
-pub fn aggregate(masters: &[String], nodes: &[NodeStatus], decision: &Decision, ca_message: Option<&str>, now: i64) -> (usize, Vec<(&'static str, bool, String, String)>) {
+pub fn aggregate(
+    masters: &[String],
+    nodes: &[NodeStatus],
+    decision: &Decision,
+    ca_message: Option<&str>,
+    now: i64,
+) -> (usize, Vec<(&'static str, bool, String, String)>) {
     let healthy = masters.iter().filter(|m| nodes.iter().any(|n| &n.name == *m && n.healthy && fresh(n, now))).count();
     let available = healthy > 0;
     let mut conds = Vec::new();
@@ -365,109 +418,139 @@ fn read_ca(path: &std::path::Path) -> Option<(String, i64)> {
     Some((pem, info.not_after))
 }
 
-async fn reconcile(kcm: Arc<KubeControllerManager>, ctx: Arc<Ctx>) -> Result<Action, RolloutError> {
+/// One look at the stores: rescue, decide, write what changed (KcmNode specs, the CR's
+/// status). Returns when to look again at the latest.
+async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
+    let Some(kcm) = ctx.stores.kcm.get(&ObjectRef::new(CR_NAME)) else {
+        return Ok(Duration::from_secs(crate::api::REPORT_PERIOD_SECS as u64));
+    };
     let spec = &kcm.spec;
-    let api: Api<KubeControllerManager> = Api::all(ctx.client.clone());
-    let nodes = Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()).await.map_err(kube_err("listing nodes"))?;
-    let mut masters: Vec<String> = nodes.items.iter().filter(|n| is_master(n, &spec.master_selector)).map(|n| n.name_any()).collect();
+    let mut masters: Vec<String> = ctx.stores.nodes.state().iter().filter(|n| is_master(n, &spec.master_selector)).map(|n| n.name_any()).collect();
     masters.sort();
-    let lease = Api::<Lease>::namespaced(ctx.client.clone(), KCM_LEASE.0).get_opt(KCM_LEASE.1).await.map_err(kube_err("reading kcm's Lease"))?;
+    let lease = ctx.stores.kcm_lease.get(&ObjectRef::new(KCM_LEASE.1).within(KCM_LEASE.0));
     let now = k8s_openapi::jiff::Timestamp::now();
     let lease_spec = lease.as_ref().and_then(|l| l.spec.as_ref());
     let leader = live_leader(lease_spec, now.as_second());
     let ca = read_ca(&ctx.ca_cert);
 
     // Every master needs a running helper, also when no kcm (DaemonSet controller) runs.
-    match crate::rescue::run_once(&ctx.client, &masters, ca.as_ref().map(|(pem, _)| pem.as_str()), now.as_second()).await {
+    let pods = ctx.stores.helper_pods.state();
+    let ds = ctx.stores.helper_ds.state().first().cloned();
+    let root_ca_missing = ctx.stores.root_ca.state().is_empty();
+    match crate::rescue::run_once(&ctx.client, &masters, &pods, ds.as_deref(), root_ca_missing, ca.as_ref().map(|(pem, _)| pem.as_str()), now.as_second()).await
+    {
         Ok(done) => {
             for d in done {
                 tracing::info!("rescue: {d}");
-                publish(&ctx, &kcm, EventType::Normal, "Rescue", &d).await;
+                publish(ctx, &kcm, EventType::Normal, "Rescue", &d).await;
             }
         }
         Err(e) => tracing::warn!("rescue: {e}"),
     }
 
+    let owner = kcm.controller_owner_ref(&()).expect("a KubeControllerManager from the API has a uid");
+    let is_ours = |n: &KcmNode| n.owner_references().iter().any(|o| o.uid == owner.uid);
+    let kcm_nodes: BTreeMap<String, Arc<KcmNode>> = ctx.stores.kcm_nodes.state().into_iter().map(|n| (n.name_any(), n)).collect();
+    // Only this KubeControllerManager's KcmNodes count (one left by a deleted CR is replaced).
+    let entries: Vec<NodeStatus> = masters
+        .iter()
+        .map(|m| kcm_nodes.get(m).filter(|n| is_ours(n)).map_or_else(|| NodeStatus { name: m.clone(), ..Default::default() }, |n| NodeStatus::of(n)))
+        .collect();
     let status = kcm.status.clone().unwrap_or_default();
     let ca_not_after = ca.as_ref().map(|(_, t)| *t);
-    let facts = Facts { masters: &masters, status: &status.nodes, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
+    let facts = Facts { masters: &masters, status: &entries, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
     let decision = decide(spec, &facts);
 
-    // Targets: keep every master's current target, set the new one.
-    let mut targets: BTreeMap<String, Option<String>> = masters.iter().map(|m| (m.clone(), status.nodes.iter().find(|n| &n.name == m).and_then(|n| n.target_revision.clone()))).collect();
+    // Targets: every master keeps its current target; the one whose turn it is gets the new one.
+    let mut targets: BTreeMap<String, Option<String>> = entries.iter().map(|n| (n.name.clone(), n.target_revision.clone())).collect();
     if let Decision::Go { node, revision, why } = &decision {
         targets.insert(node.clone(), Some(revision.clone()));
         let note = format!("{node}: revision {revision} ({why})");
         tracing::info!("rollout: {note}");
-        publish(&ctx, &kcm, EventType::Normal, "RolloutStep", &note).await;
+        publish(ctx, &kcm, EventType::Normal, "RolloutStep", &note).await;
     }
     let was_degraded = |reason: &str| status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason);
     if let Decision::Stop { node, reason } = &decision {
         if !was_degraded("RolloutFailed") {
-            publish(&ctx, &kcm, EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
+            publish(ctx, &kcm, EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
         }
     }
     if let Decision::Backoff { node, reason } = &decision {
         if !was_degraded("RepairFailed") {
-            publish(&ctx, &kcm, EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
+            publish(ctx, &kcm, EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
         }
     }
 
+    // Each master's KcmNode spec: written only when it differs from what is there.
+    let renewals = renewal_schedule(spec, &entries, ca_not_after);
+    let kcm_nodes_api: Api<KcmNode> = Api::all(ctx.client.clone());
+    let mut aggregate_entries = Vec::new();
+    for (name, target) in &targets {
+        let want = KcmNodeSpec { target_revision: target.as_deref().and_then(|t| t.parse::<Revision>().ok()), renew_at: renewals.get(name).map(|t| ts(*t)) };
+        let current = kcm_nodes.get(name);
+        let owned = current.is_some_and(|n| is_ours(n));
+        if let Some(stale) = current.filter(|_| !owned) {
+            // Left by a deleted KubeControllerManager (no garbage collector runs without kcm):
+            // its status describes another install. Replaced by a fresh one.
+            let dp =
+                kube::api::DeleteParams { preconditions: Some(kube::api::Preconditions { uid: stale.uid(), resource_version: None }), ..Default::default() };
+            match kcm_nodes_api.delete(name, &dp).await {
+                Ok(_) => tracing::info!("KcmNode {name} belonged to another KubeControllerManager: deleted, to be made anew"),
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(kube_err(format!("deleting the stale KcmNode {name}"))(e).into()),
+            }
+            continue;
+        }
+        if current.map(|n| &n.spec) != Some(&want) {
+            let mut obj = KcmNode::new(name, want.clone());
+            obj.metadata.owner_references = Some(vec![owner.clone()]);
+            let body = serde_json::to_value(&obj).expect("a KcmNode serializes");
+            kcm_nodes_api
+                .patch(name, &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(body))
+                .await
+                .map_err(kube_err(format!("writing KcmNode {name}")))?;
+        }
+        let mut entry = entries.iter().find(|n| &n.name == name).cloned().unwrap_or_default();
+        entry.target_revision = want.target_revision.as_ref().map(Revision::to_string);
+        entry.renew_at = want.renew_at;
+        aggregate_entries.push(entry);
+    }
+
     let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
-    let (healthy, wanted_conds) = aggregate(&masters, &status.nodes, &decision, ca_message.as_deref(), now.as_second());
-    let expires = status.nodes.iter().filter(|n| masters.contains(&n.name)).filter_map(|n| n.not_after.clone()).min();
+    let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, ca_message.as_deref(), now.as_second());
     let gen = kcm.meta().generation;
-    let time = Time(now);
     let mut conds = status.conditions.clone();
     for (type_, value, reason, message) in &wanted_conds {
-        set_condition(&mut conds, type_, *value, reason, message, gen, time.clone());
+        set_condition(&mut conds, type_, *value, reason, message, gen, Time(now));
+    }
+    let want = KubeControllerManagerStatus {
+        observed_generation: gen,
+        // Left out when unknown: server-side apply then removes what this manager set before.
+        leader: leader.clone(),
+        ready: Some(format!("{healthy}/{}", masters.len())),
+        expires: entries.iter().filter_map(|n| n.not_after.clone()).min(),
+        next_renewal: masters.iter().filter_map(|m| renewals.get(m)).min().map(|t| ts(*t)),
+        nodes: aggregate_entries,
+        conditions: conds,
+    };
+    if kcm.status.as_ref() != Some(&want) {
+        let body = json!({"apiVersion": KubeControllerManager::api_version(&()), "kind": KubeControllerManager::kind(&()), "metadata": {"name": CR_NAME}, "status": want});
+        Api::<KubeControllerManager>::all(ctx.client.clone())
+            .patch_status(CR_NAME, &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map_err(kube_err("writing status"))?;
     }
 
-    let renewals = renewal_schedule(spec, &status.nodes, ca_not_after);
-    let node_entries: Vec<serde_json::Value> = targets
-        .iter()
-        .map(|(name, t)| {
-            let mut e = json!({"name": name});
-            if let Some(t) = t {
-                e["targetRevision"] = json!(t);
-            }
-            if let Some(at) = renewals.get(name) {
-                e["renewAt"] = json!(ts(*at));
-            }
-            e
-        })
-        .collect();
-    let next_renewal = masters.iter().filter_map(|m| renewals.get(m)).min().map(|t| ts(*t));
-    let mut st = json!({
-        "observedGeneration": gen,
-        "ready": format!("{healthy}/{}", masters.len()),
-        "nodes": node_entries,
-        "conditions": conds,
-    });
-    // Left out when unknown: server-side apply then removes what this manager set before
-    // (no live Lease, no leader shown).
-    if let Some(l) = &leader {
-        st["leader"] = json!(l);
-    }
-    if let Some(e) = &expires {
-        st["expires"] = json!(e);
-    }
-    if let Some(r) = &next_renewal {
-        st["nextRenewal"] = json!(r);
-    }
-    let body = json!({"apiVersion": "kcm.kcm-operator.io/v1alpha1", "kind": "KubeControllerManager", "metadata": {"name": CR_NAME}, "status": st});
-    api.patch_status(CR_NAME, &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(body)).await.map_err(kube_err("writing status"))?;
-
-    // Requeue from the nearest deadline: soon while a rollout moves; when the Lease would
+    // Look again at the nearest deadline: soon while a rollout moves; when the Lease would
     // expire (so LEADER empties on time); at the latest after one report period, so stale
-    // reports and missing helpers are seen.
+    // reports and missing helpers are seen. Changes wake the loop earlier.
     let next = match decision {
         Decision::Go { .. } | Decision::Wait { .. } => 3,
         Decision::Stop { .. } | Decision::Paused | Decision::Backoff { .. } | Decision::Done => crate::api::REPORT_PERIOD_SECS,
     };
     let until_lease = lease_spec.and_then(lease_expiry).filter(|_| leader.is_some()).map(|t| t + 1 - now.as_second());
     let secs = until_lease.map_or(next, |u| u.clamp(1, next));
-    Ok(Action::requeue(Duration::from_secs(secs as u64)))
+    Ok(Duration::from_secs(secs as u64))
 }
 
 async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, type_: EventType, reason: &str, note: &str) {
@@ -477,31 +560,43 @@ async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, type_: EventType, reaso
     }
 }
 
-fn error_policy(_: Arc<KubeControllerManager>, err: &RolloutError, _: Arc<Ctx>) -> Action {
-    tracing::error!("rollout: {err}");
-    Action::requeue(Duration::from_secs(5))
-}
-
-/// Runs the rollout controller until the stream ends. `ca_cert`: the cluster CA the signer uses.
+/// Runs the rollout until a watch ends: looks at the stores whenever something changes
+/// (or a deadline comes), never polls the API. `ca_cert`: the cluster CA the signer uses.
 pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf) {
-    let api: Api<KubeControllerManager> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: OPERATOR_MANAGER.into(), instance: None });
-    // kcm's Lease too: status.leader follows a failover at once, not at the next requeue.
-    let leases = Api::<Lease>::namespaced(client.clone(), KCM_LEASE.0);
-    Controller::new(api, watcher::Config::default().fields(&format!("metadata.name={CR_NAME}")))
-        .watches(leases, watcher::Config::default().fields(&format!("metadata.name={}", KCM_LEASE.1)), |_| Some(ObjectRef::new(CR_NAME)))
-        .run(reconcile, error_policy, Arc::new(Ctx { client, recorder, ca_cert }))
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!("rollout: {e}");
+    let wake = Arc::new(Notify::new());
+    let (stores, watches) = Stores::watch(&client, wake.clone());
+    let ctx = Ctx { client, recorder, ca_cert, stores };
+    let control = async {
+        if ctx.stores.ready().await.is_err() {
+            return;
+        }
+        loop {
+            let again = match reconcile(&ctx).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("rollout: {e}");
+                    Duration::from_secs(5)
+                }
+            };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(again) => {}
             }
-        })
-        .await;
+            // Let a burst of changes (a report and the Lease together) settle into one look.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = futures::future::join_all(watches) => tracing::warn!("rollout: a watch ended"),
+        _ = control => {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::KcmNodeStatus;
 
     fn spec() -> KubeControllerManagerSpec {
         serde_json::from_value(json!({"apiserverUrl": "https://10.0.0.10:6443"})).unwrap()
@@ -517,17 +612,20 @@ mod tests {
         NodeStatus {
             name: name.into(),
             target_revision: Some(rev.into()),
-            applied_revision: Some(rev.into()),
-            healthy: true,
-            unit_active: true,
-            cert_serial: Some("AA".into()),
-            not_after: Some("2030-01-01T00:00:00Z".into()),
-            observed_at: Some(at(NOW - 2)),
-            ..Default::default()
+            renew_at: None,
+            report: KcmNodeStatus {
+                applied_revision: Some(rev.into()),
+                healthy: true,
+                unit_active: true,
+                cert_serial: Some("AA".into()),
+                not_after: Some("2030-01-01T00:00:00Z".into()),
+                observed_at: Some(at(NOW - 2)),
+                ..Default::default()
+            },
         }
     }
     fn reported(name: &str) -> NodeStatus {
-        NodeStatus { name: name.into(), observed_at: Some(at(NOW - 1)), ..Default::default() }
+        NodeStatus { name: name.into(), report: KcmNodeStatus { observed_at: Some(at(NOW - 1)), ..Default::default() }, ..Default::default() }
     }
     fn run(s: &KubeControllerManagerSpec, st: &[NodeStatus], leader: Option<&str>) -> Decision {
         decide(s, &Facts { masters: &masters(), status: st, leader, ca_not_after: None, now: NOW })
@@ -571,7 +669,7 @@ mod tests {
         let rev = spec_revision(&s);
         let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
         s.kcm.verbosity = 4; // a spec change for everyone
-        // m1's helper has not reported for a minute: nobody is taken down.
+                             // m1's helper has not reported for a minute: nobody is taken down.
         st[0].observed_at = Some(at(NOW - 60));
         let d = run(&s, &st, None);
         assert!(matches!(&d, Decision::Wait { node, why } if node == "m1" && why.contains("no fresh report")), "{d:?}");
@@ -598,7 +696,7 @@ mod tests {
         }
         st[0].drift = vec!["/etc/kubernetes/kcm/kcm.pem: missing".into()];
         st[1].not_after = Some(at(NOW - 10)); // expired
-        // m3 has one problem, m1 and m2 two each.
+                                              // m3 has one problem, m1 and m2 two each.
         let d = run(&s, &st, None);
         assert!(matches!(&d, Decision::Go { node, why, .. } if node == "m3" && why.contains("not active")), "{d:?}");
         // While m3's repair runs, nothing else moves.
@@ -668,7 +766,14 @@ mod tests {
         st[2].not_after = Some(at(NOW + 30 * 86400));
         st[2].cert_serial = Some("C3".into());
         let d = run(&s, &st, Some("m1"));
-        assert_eq!(d, Decision::Go { node: "m3".into(), revision: format!("{rev}/renew-C3"), why: format!("certificate C3 expires {}", st[2].not_after.clone().unwrap()) });
+        assert_eq!(
+            d,
+            Decision::Go {
+                node: "m3".into(),
+                revision: format!("{rev}/renew-C3"),
+                why: format!("certificate C3 expires {}", st[2].not_after.clone().unwrap())
+            }
+        );
         // After the renewal the node is done: its spec part matches and the new cert is fresh.
         st[2] = done("m3", &format!("{rev}/renew-C3"));
         assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
@@ -684,18 +789,18 @@ mod tests {
         // Issued 10 s apart in a rollout: m1 (the leader) first, so it is due first.
         for (i, n) in st.iter_mut().enumerate() {
             n.not_after = Some(at(NOW + 540 + 10 * i as i64));
-            n.cert_serial = Some(format!("S{i}"));
+            n.cert_serial = Some(format!("C{i}"));
         }
         let d = run(&s, &st, Some("m1"));
-        assert!(matches!(&d, Decision::Go { node, revision, why } if node == "m2" && revision.ends_with("/renew-S1") && why.contains("early")), "{d:?}");
-        st[1] = done("m2", &format!("{rev}/renew-S1"));
+        assert!(matches!(&d, Decision::Go { node, revision, why } if node == "m2" && revision.ends_with("/renew-C1") && why.contains("early")), "{d:?}");
+        st[1] = done("m2", &format!("{rev}/renew-C1"));
         st[1].not_after = Some(at(NOW + 600));
         let d = run(&s, &st, Some("m1"));
         assert!(matches!(&d, Decision::Go { node, .. } if node == "m3"), "{d:?}");
-        st[2] = done("m3", &format!("{rev}/renew-S2"));
+        st[2] = done("m3", &format!("{rev}/renew-C2"));
         st[2].not_after = Some(at(NOW + 600));
         let d = run(&s, &st, Some("m1"));
-        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && revision.ends_with("/renew-S0")), "{d:?}");
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && revision.ends_with("/renew-C0")), "{d:?}");
         // A follower far from due is not pulled in: the leader goes alone.
         st[1].not_after = Some(at(NOW + 600 * 10));
         st[2].not_after = Some(at(NOW + 600 * 10));
@@ -820,5 +925,22 @@ mod tests {
         set_condition(&mut c, "Available", false, "B", "", Some(2), t1.clone());
         assert_eq!(c[0].last_transition_time, t1);
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn setting_the_same_conditions_again_changes_nothing() {
+        // The status is written only when it differs: re-setting unchanged conditions, in
+        // any order, at a later time, must leave the list equal (order included).
+        let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(100).unwrap());
+        let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(200).unwrap());
+        let mut c = Vec::new();
+        for (t, v, r) in [("Available", true, "A"), ("Progressing", false, "P"), ("Degraded", false, "D")] {
+            set_condition(&mut c, t, v, r, "m", Some(1), t0.clone());
+        }
+        let before = c.clone();
+        for (t, v, r) in [("Degraded", false, "D"), ("Available", true, "A"), ("Progressing", false, "P")] {
+            set_condition(&mut c, t, v, r, "m", Some(1), t1.clone());
+        }
+        assert_eq!(c, before);
     }
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
 use x509_parser::public_key::PublicKey;
@@ -189,8 +189,12 @@ fn check_requestor(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Resu
     if csr.username != policy.helper_username {
         return deny(Rule::Requestor, format!("requested by {:?}, only {:?} may request", csr.username, policy.helper_username));
     }
-    let (Some(pod_name), Some(pod_uid), Some(bound)) = (csr.single_extra(POD_NAME_EXTRA), csr.single_extra(POD_UID_EXTRA), csr.single_extra(NODE_NAME_EXTRA)) else {
-        return deny(Rule::HelperPod, format!("the requestor's token is not bound to a pod on a node (needs one {POD_NAME_EXTRA}, {POD_UID_EXTRA} and {NODE_NAME_EXTRA})"));
+    let (Some(pod_name), Some(pod_uid), Some(bound)) = (csr.single_extra(POD_NAME_EXTRA), csr.single_extra(POD_UID_EXTRA), csr.single_extra(NODE_NAME_EXTRA))
+    else {
+        return deny(
+            Rule::HelperPod,
+            format!("the requestor's token is not bound to a pod on a node (needs one {POD_NAME_EXTRA}, {POD_UID_EXTRA} and {NODE_NAME_EXTRA})"),
+        );
     };
     let Some(pod) = found.pod.as_ref().filter(|p| p.uid == pod_uid) else {
         return deny(Rule::PodLive, format!("the pod {pod_name:?} (uid {pod_uid}) the requestor's token is bound to no longer exists"));
@@ -227,7 +231,10 @@ fn check_requestor(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Resu
     if !found.issued_for_revision.is_empty() {
         return deny(
             Rule::OnePerStep,
-            format!("node {bound:?} already got a certificate for revision {pending:?} (CSR {}); a new one needs a new step", found.issued_for_revision.join(", ")),
+            format!(
+                "node {bound:?} already got a certificate for revision {pending:?} (CSR {}); a new one needs a new step",
+                found.issued_for_revision.join(", ")
+            ),
         );
     }
     Ok(node)
@@ -238,8 +245,8 @@ pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Acc
     let node = check_requestor(csr, found, policy)?;
 
     let der = pem_block(csr.request, "CERTIFICATE REQUEST", "request").map_err(|e| Denial { rule: Rule::RequestParses, message: e.to_string() })?;
-    let (rest, req) = X509CertificationRequest::from_der(&der)
-        .map_err(|e| Denial { rule: Rule::RequestParses, message: format!("not a PKCS#10 request: {e}") })?;
+    let (rest, req) =
+        X509CertificationRequest::from_der(&der).map_err(|e| Denial { rule: Rule::RequestParses, message: format!("not a PKCS#10 request: {e}") })?;
     if !rest.is_empty() {
         return deny(Rule::RequestParses, "trailing bytes after the request");
     }
@@ -312,10 +319,7 @@ pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Acc
         return deny(Rule::SubjectAltNames, format!("only DNS and IP SANs are allowed; got {foreign:?}"));
     }
     if sans != want {
-        return deny(
-            Rule::SubjectAltNames,
-            format!("SANs must be exactly DNS {:?} IP {:?}; got DNS {:?} IP {:?}", want.dns, want.ips, sans.dns, sans.ips),
-        );
+        return deny(Rule::SubjectAltNames, format!("SANs must be exactly DNS {:?} IP {:?}; got DNS {:?} IP {:?}", want.dns, want.ips, sans.dns, sans.ips));
     }
     let inside: Vec<String> = sans.ips.iter().filter(|ip| cidr_contains(&policy.service_cidr, **ip)).map(|ip| ip.to_string()).collect();
     if !inside.is_empty() {
@@ -657,11 +661,9 @@ dK4FTmIdaV6yOlLhA+/52MMrUPZ06lC3QDo03leA74QWd1ss4+k=
         let n = bad.len();
         bad[n - 3] ^= 0x55;
         use base64::Engine;
-        c.request = format!(
-            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-            base64::engine::general_purpose::STANDARD.encode(bad)
-        )
-        .into_bytes();
+        c.request =
+            format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", base64::engine::general_purpose::STANDARD.encode(bad))
+                .into_bytes();
         denied(&c, alg, Rule::RequestParses);
     }
 

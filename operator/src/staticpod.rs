@@ -67,7 +67,7 @@ pub fn operator_pod(spec: &KubeControllerManagerSpec, image: &str) -> String {
         },
     });
     let body = serde_yaml::to_string(&pod).expect("a JSON value serializes as YAML");
-    format!("# The kcm-operator static pod, rendered from KubeControllerManager {} (paths.caCert, paths.caKey).\n# Placed and kept up to date by kcm-node-helper; do not edit by hand.\n{body}", crate::approver::CR_NAME)
+    format!("# The kcm-operator static pod, rendered from KubeControllerManager {} (paths.caCert, paths.caKey).\n# Placed and kept up to date by kcm-node-helper; do not edit by hand.\n{body}", crate::api::CR_NAME)
 }
 
 #[cfg(test)]

@@ -52,10 +52,7 @@ const BUILD_HINT: &str = "build it with e2e/testbed/build-k8s.sh";
 
 /// `${KCM_CACHE:-/var/cache/kcm-operator}`
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("KCM_CACHE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/kcm-operator"))
+    std::env::var_os("KCM_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/kcm-operator"))
 }
 
 /// `$KCM_K8S_BIN_DIR`, else `$KCM_CACHE/k8s-v1.33.13/bin` (may not exist).
@@ -77,11 +74,7 @@ fn existing(path: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
 /// A Kubernetes binary (`kube-controller-manager`, `kubectl`, ...) from
 /// [`k8s_bin_dir`]; errors with the path and a build hint if missing.
 pub fn k8s_bin(name: &str) -> Result<PathBuf> {
-    existing(
-        k8s_bin_dir().join(name),
-        name,
-        "override the directory with KCM_K8S_BIN_DIR or KCM_CACHE",
-    )
+    existing(k8s_bin_dir().join(name), name, "override the directory with KCM_K8S_BIN_DIR or KCM_CACHE")
 }
 
 /// kube-apiserver binary (`$KCM_APISERVER_BIN` or [`k8s_bin`]).
@@ -150,10 +143,7 @@ pub struct ApiServerOptions {
 
 impl Default for ApiServerOptions {
     fn default() -> Self {
-        ApiServerOptions {
-            extra_apiserver_args: Vec::new(),
-            ready_timeout: Duration::from_secs(60),
-        }
+        ApiServerOptions { extra_apiserver_args: Vec::new(), ready_timeout: Duration::from_secs(60) }
     }
 }
 
@@ -185,10 +175,7 @@ impl std::fmt::Debug for ApiServer {
 
 fn free_ports<const N: usize>() -> Result<[u16; N]> {
     // Hold all listeners at once so the ports are distinct, then release them.
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("binding a free loopback port")?;
+    let listeners = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<Vec<_>>>().context("binding a free loopback port")?;
     let mut ports = [0u16; N];
     for (p, l) in ports.iter_mut().zip(&listeners) {
         *p = l.local_addr()?.port();
@@ -233,25 +220,14 @@ impl ApiServer {
         let t0 = Instant::now();
         let apiserver_bin = apiserver_bin()?;
         let etcd_bin = etcd_bin()?;
-        let tempdir = tempfile::Builder::new()
-            .prefix("kcm-apitier-")
-            .tempdir()
-            .context("creating temp dir")?;
+        let tempdir = tempfile::Builder::new().prefix("kcm-apitier-").tempdir().context("creating temp dir")?;
         let dir = tempdir.path().to_path_buf();
 
         // PKI
         let ca = pki::Ca::generate(pki::CA_COMMON_NAME)?;
         let serving = ca.serving_cert(
             "kube-apiserver",
-            &[
-                "127.0.0.1",
-                "localhost",
-                "10.96.0.1",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
+            &["127.0.0.1", "localhost", "10.96.0.1", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
         )?;
         let admin = ca.client_cert(ADMIN_USER, &[ADMIN_GROUP])?;
         let (sa_key, sa_pub) = pki::sa_key_pair()?;
@@ -268,23 +244,9 @@ impl ApiServer {
         for attempt in 1..=3 {
             match launch(&dir, attempt, &apiserver_bin, &etcd_bin, &ca, &admin, &opts).await {
                 Ok((apiserver, etcd, url, etcd_url)) => {
-                    let server = ApiServer {
-                        apiserver,
-                        etcd,
-                        url,
-                        etcd_url,
-                        ca,
-                        admin,
-                        dir_path: dir,
-                        tempdir: Some(tempdir),
-                    };
+                    let server = ApiServer { apiserver, etcd, url, etcd_url, ca, admin, dir_path: dir, tempdir: Some(tempdir) };
                     server.write_kubeconfig(&server.admin_kubeconfig_path(), &server.admin)?;
-                    eprintln!(
-                        "apitier: kube-apiserver ready at {} in {:.1}s (dir {})",
-                        server.url,
-                        t0.elapsed().as_secs_f64(),
-                        server.dir_path.display()
-                    );
+                    eprintln!("apitier: kube-apiserver ready at {} in {:.1}s (dir {})", server.url, t0.elapsed().as_secs_f64(), server.dir_path.display());
                     return Ok(server);
                 }
                 Err(LaunchError::Retry(e)) => {
@@ -367,10 +329,7 @@ impl ApiServer {
     /// overwritten if it exists).
     pub fn kubeconfig_as(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
         let ck = self.ca.client_cert(user, groups)?;
-        let safe: String = user
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-            .collect();
+        let safe: String = user.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
         let path = self.dir_path.join(format!("user-{safe}.kubeconfig"));
         self.write_kubeconfig(&path, &ck)?;
         Ok(path)
@@ -399,23 +358,20 @@ impl ApiServer {
     /// test if the server is shared). Panics only if the client cannot be
     /// built from the server's own PKI (a bug), see [`ApiServer::try_client`].
     pub fn client(&self) -> Client {
-        self.try_client()
-            .unwrap_or_else(|e| panic!("apitier: admin client: {e:#}"))
+        self.try_client().unwrap_or_else(|e| panic!("apitier: admin client: {e:#}"))
     }
 
     /// Client authenticating with a freshly minted client certificate from
     /// the CA: CN=`user`, one O= per group (the apiserver adds
     /// `system:authenticated`). Panics like [`ApiServer::client`].
     pub fn client_as(&self, user: &str, groups: &[&str]) -> Client {
-        self.try_client_as(user, groups)
-            .unwrap_or_else(|e| panic!("apitier: client as {user} {groups:?}: {e:#}"))
+        self.try_client_as(user, groups).unwrap_or_else(|e| panic!("apitier: client as {user} {groups:?}: {e:#}"))
     }
 
     /// Client authenticating with a bearer token (e.g. a ServiceAccount
     /// token). Panics like [`ApiServer::client`].
     pub fn client_with_token(&self, token: &str) -> Client {
-        self.try_client_with_token(token)
-            .unwrap_or_else(|e| panic!("apitier: token client: {e:#}"))
+        self.try_client_with_token(token).unwrap_or_else(|e| panic!("apitier: token client: {e:#}"))
     }
 
     pub fn try_client(&self) -> Result<Client> {
@@ -518,11 +474,7 @@ async fn launch(
         "--unsafe-no-fsync=true".into(),
         "--log-level=warn".into(),
     ];
-    let log = dir.join(if attempt == 1 {
-        "etcd.log".into()
-    } else {
-        format!("etcd-{attempt}.log")
-    });
+    let log = dir.join(if attempt == 1 { "etcd.log".into() } else { format!("etcd-{attempt}.log") });
     let mut etcd = Proc::spawn("etcd", etcd_bin, &etcd_args, &log).map_err(fatal)?;
 
     // Wait for etcd /health (the apiserver backs off when etcd is not up yet).
@@ -534,17 +486,10 @@ async fn launch(
         if let Some(status) = etcd.exited() {
             let tail = etcd.log_tail(40);
             let e = anyhow!("etcd exited ({status}) before becoming healthy; log tail:\n{tail}");
-            return Err(if port_collision(&tail) {
-                LaunchError::Retry(e)
-            } else {
-                fatal(e)
-            });
+            return Err(if port_collision(&tail) { LaunchError::Retry(e) } else { fatal(e) });
         }
         if Instant::now() > deadline {
-            return Err(fatal(anyhow!(
-                "etcd at {etcd_url} not healthy after 30s; log tail:\n{}",
-                etcd.log_tail(40)
-            )));
+            return Err(fatal(anyhow!("etcd at {etcd_url} not healthy after 30s; log tail:\n{}", etcd.log_tail(40))));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -573,20 +518,12 @@ async fn launch(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let extra_keys: Vec<&str> = opts
-        .extra_apiserver_args
-        .iter()
-        .map(|a| a.split('=').next().unwrap_or(a))
-        .collect();
+    let extra_keys: Vec<&str> = opts.extra_apiserver_args.iter().map(|a| a.split('=').next().unwrap_or(a)).collect();
     flags.retain(|(k, _)| !extra_keys.contains(&k.as_str()));
     let mut args: Vec<String> = flags.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     args.extend(opts.extra_apiserver_args.iter().cloned());
 
-    let log = dir.join(if attempt == 1 {
-        "kube-apiserver.log".into()
-    } else {
-        format!("kube-apiserver-{attempt}.log")
-    });
+    let log = dir.join(if attempt == 1 { "kube-apiserver.log".into() } else { format!("kube-apiserver-{attempt}.log") });
     let mut apiserver = Proc::spawn("kube-apiserver", apiserver_bin, &args, &log).map_err(fatal)?;
     let url = format!("https://127.0.0.1:{api_port}");
     let client = client_for(&url, &ca.cert_pem, admin).map_err(fatal)?;
@@ -607,20 +544,13 @@ async fn launch(
             (None, None) => None,
         };
         if let Some((name, status)) = exited {
-            let e = anyhow!(
-                "{name} exited ({status}) before /readyz was ok\n{}",
-                both_tails(&etcd, &apiserver)
-            );
+            let e = anyhow!("{name} exited ({status}) before /readyz was ok\n{}", both_tails(&etcd, &apiserver));
             let collided = port_collision(&apiserver.log_tail(40)) || port_collision(&etcd.log_tail(40));
             eprintln!("apitier: {e:#}");
             return Err(if collided { LaunchError::Retry(e) } else { fatal(e) });
         }
         if Instant::now() > deadline {
-            let e = anyhow!(
-                "kube-apiserver at {url} not ready after {:?}; last /readyz: {last}\n{}",
-                opts.ready_timeout,
-                both_tails(&etcd, &apiserver)
-            );
+            let e = anyhow!("kube-apiserver at {url} not ready after {:?}; last /readyz: {last}\n{}", opts.ready_timeout, both_tails(&etcd, &apiserver));
             eprintln!("apitier: {e:#}");
             return Err(fatal(e));
         }
@@ -642,18 +572,13 @@ fn both_tails(etcd: &Proc, apiserver: &Proc) -> String {
 async fn etcd_healthy(port: u16) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
         Some(text.contains("\"health\":\"true\""))
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Some(true))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(true)))
 }
 
 // ------------------------------------------------------------------ helpers
@@ -701,10 +626,7 @@ pub async fn bound_sa_token(client: &Client, ns: &str, sa: &str, pod_name: &str,
         {"type": "InternalIP", "address": "127.0.0.1"},
         {"type": "Hostname", "address": node_name},
     ]}});
-    nodes
-        .patch_status(node_name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .with_context(|| format!("patching status of node {node_name}"))?;
+    nodes.patch_status(node_name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("patching status of node {node_name}"))?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod: Pod = serde_json::from_value(json!({
@@ -721,18 +643,11 @@ pub async fn bound_sa_token(client: &Client, ns: &str, sa: &str, pod_name: &str,
         Err(e) => return Err(e).with_context(|| format!("creating pod {ns}/{pod_name}")),
     };
     let spec = pod.spec.as_ref();
-    let (on_node, with_sa) = (
-        spec.and_then(|s| s.node_name.as_deref()),
-        spec.and_then(|s| s.service_account_name.as_deref()),
-    );
+    let (on_node, with_sa) = (spec.and_then(|s| s.node_name.as_deref()), spec.and_then(|s| s.service_account_name.as_deref()));
     if on_node != Some(node_name) || with_sa != Some(sa) {
         bail!("existing pod {ns}/{pod_name} has nodeName {on_node:?} / serviceAccountName {with_sa:?}, want {node_name:?} / {sa:?}");
     }
-    let uid = pod
-        .metadata
-        .uid
-        .clone()
-        .ok_or_else(|| anyhow!("pod {ns}/{pod_name} has no uid"))?;
+    let uid = pod.metadata.uid.clone().ok_or_else(|| anyhow!("pod {ns}/{pod_name} has no uid"))?;
 
     let tr: TokenRequest = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1",
@@ -744,10 +659,7 @@ pub async fn bound_sa_token(client: &Client, ns: &str, sa: &str, pod_name: &str,
             "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": uid},
         },
     }))?;
-    let tr = sas
-        .create_token_request(sa, &pp, &tr)
-        .await
-        .with_context(|| format!("TokenRequest for {ns}/{sa} bound to pod {pod_name}"))?;
+    let tr = sas.create_token_request(sa, &pp, &tr).await.with_context(|| format!("TokenRequest for {ns}/{sa} bound to pod {pod_name}"))?;
     let token = tr.status.map(|s| s.token).unwrap_or_default();
     if token.is_empty() {
         bail!("TokenRequest for {ns}/{sa} returned no token");
@@ -764,17 +676,7 @@ pub async fn whoami(client: &Client) -> Result<(String, Vec<String>, BTreeMap<St
         "kind": "SelfSubjectReview",
         "metadata": {},
     }))?;
-    let ssr = api
-        .create(&PostParams::default(), &ssr)
-        .await
-        .context("creating SelfSubjectReview")?;
-    let ui = ssr
-        .status
-        .and_then(|s| s.user_info)
-        .ok_or_else(|| anyhow!("SelfSubjectReview returned no status.userInfo"))?;
-    Ok((
-        ui.username.unwrap_or_default(),
-        ui.groups.unwrap_or_default(),
-        ui.extra.unwrap_or_default(),
-    ))
+    let ssr = api.create(&PostParams::default(), &ssr).await.context("creating SelfSubjectReview")?;
+    let ui = ssr.status.and_then(|s| s.user_info).ok_or_else(|| anyhow!("SelfSubjectReview returned no status.userInfo"))?;
+    Ok((ui.username.unwrap_or_default(), ui.groups.unwrap_or_default(), ui.extra.unwrap_or_default()))
 }

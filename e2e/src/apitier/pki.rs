@@ -6,10 +6,7 @@
 //! Kubernetes maps *every* `O=` RDN to a group, and tests want several groups.
 
 use anyhow::{Context, Result};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SigningKey,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SigningKey};
 
 pub(crate) const CA_COMMON_NAME: &str = "kcm-test-ca";
 
@@ -33,17 +30,9 @@ impl Ca {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).context("self-signing CA")?;
-        Ok(Ca {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().to_vec(),
-        })
+        Ok(Ca { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().to_vec() })
     }
 
     fn key(&self) -> Result<KeyPair> {
@@ -62,10 +51,7 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer).context("signing serving cert")?;
-        Ok(CertAndKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     /// Client certificate with Subject `O=<group>... , CN=<user>` (one `O` RDN
@@ -74,10 +60,7 @@ impl Ca {
         let ca_key = self.key()?;
         let key = KeyPair::generate()?;
         let der = build_client_cert_der(&self.cert_der, &ca_key, &key, user, groups)?;
-        Ok(CertAndKey {
-            cert_pem: pem_encode("CERTIFICATE", &der),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertAndKey { cert_pem: pem_encode("CERTIFICATE", &der), key_pem: key.serialize_pem() })
     }
 }
 
@@ -153,15 +136,8 @@ fn extension(id: &[u64], critical: bool, value: Vec<u8>) -> Vec<u8> {
     seq(&parts)
 }
 
-fn build_client_cert_der(
-    ca_der: &[u8],
-    ca_key: &KeyPair,
-    subject_key: &KeyPair,
-    user: &str,
-    groups: &[&str],
-) -> Result<Vec<u8>> {
-    let (_, ca) =
-        x509_parser::parse_x509_certificate(ca_der).map_err(|e| anyhow::anyhow!("parsing CA certificate: {e}"))?;
+fn build_client_cert_der(ca_der: &[u8], ca_key: &KeyPair, subject_key: &KeyPair, user: &str, groups: &[&str]) -> Result<Vec<u8>> {
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der).map_err(|e| anyhow::anyhow!("parsing CA certificate: {e}"))?;
     let issuer_raw = ca.tbs_certificate.subject.as_raw().to_vec();
     let ca_ski: Option<Vec<u8>> = ca.extensions().iter().find_map(|ext| match ext.parsed_extension() {
         x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(kid) => Some(kid.0.to_vec()),
@@ -240,11 +216,7 @@ mod tests {
         let ck = ca.client_cert("alice", &["g1", "system:masters", "g3"]).unwrap();
         let der = pem_decode(&ck.cert_pem);
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-        let orgs: Vec<_> = cert
-            .subject()
-            .iter_organization()
-            .map(|o| o.as_str().unwrap().to_string())
-            .collect();
+        let orgs: Vec<_> = cert.subject().iter_organization().map(|o| o.as_str().unwrap().to_string()).collect();
         assert_eq!(orgs, ["g1", "system:masters", "g3"]);
         let cn: Vec<_> = cert.subject().iter_common_name().map(|o| o.as_str().unwrap()).collect();
         assert_eq!(cn, ["alice"]);

@@ -50,30 +50,15 @@ impl Proc {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err)).process_group(0);
         // SAFETY: prctl is async-signal-safe; no allocation in the closure.
         unsafe {
             cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
         }
         let (tx, rx) = mpsc::channel();
-        spawner()
-            .lock()
-            .unwrap()
-            .send((cmd, tx))
-            .expect("apitier-spawner thread gone");
-        let child = rx
-            .recv()
-            .expect("apitier-spawner thread gone")
-            .with_context(|| format!("starting {name} ({})", bin.display()))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-        })
+        spawner().lock().unwrap().send((cmd, tx)).expect("apitier-spawner thread gone");
+        let child = rx.recv().expect("apitier-spawner thread gone").with_context(|| format!("starting {name} ({})", bin.display()))?;
+        Ok(Proc { name: name.to_string(), child, log: log.to_path_buf() })
     }
 
     pub fn name(&self) -> &str {

@@ -74,11 +74,7 @@ fn collect(value: serde_json::Value, out: &mut Vec<serde_json::Value>) -> Result
         serde_json::Value::Null => Ok(()),
         serde_json::Value::Object(ref m) if m.is_empty() => Ok(()),
         serde_json::Value::Object(mut m) => {
-            let is_list = m
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .is_some_and(|k| k.ends_with("List"))
-                && m.get("items").is_some_and(|i| i.is_array());
+            let is_list = m.get("kind").and_then(|k| k.as_str()).is_some_and(|k| k.ends_with("List")) && m.get("items").is_some_and(|i| i.is_array());
             if is_list {
                 if let Some(serde_json::Value::Array(items)) = m.remove("items") {
                     for item in items {
@@ -97,15 +93,8 @@ fn collect(value: serde_json::Value, out: &mut Vec<serde_json::Value>) -> Result
 
 async fn apply_one(client: &Client, value: serde_json::Value) -> Result<DynamicObject> {
     let obj: DynamicObject = serde_json::from_value(value).context("YAML document is not a Kubernetes object")?;
-    let types = obj
-        .types
-        .clone()
-        .ok_or_else(|| anyhow!("object without apiVersion/kind"))?;
-    let name = obj
-        .metadata
-        .name
-        .clone()
-        .ok_or_else(|| anyhow!("{} without metadata.name", types.kind))?;
+    let types = obj.types.clone().ok_or_else(|| anyhow!("object without apiVersion/kind"))?;
+    let name = obj.metadata.name.clone().ok_or_else(|| anyhow!("{} without metadata.name", types.kind))?;
     let (group, version) = match types.api_version.split_once('/') {
         Some((g, v)) => (g.to_string(), v.to_string()),
         None => (String::new(), types.api_version.clone()),
@@ -129,7 +118,5 @@ async fn apply_one(client: &Client, value: serde_json::Value) -> Result<DynamicO
         }
         Scope::Cluster => Api::all_with(client.clone(), &ar),
     };
-    api.patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&obj))
-        .await
-        .with_context(|| format!("applying {} {name}", types.kind))
+    api.patch(&name, &PatchParams::apply("e2e").force(), &Patch::Apply(&obj)).await.with_context(|| format!("applying {} {name}", types.kind))
 }
