@@ -112,7 +112,7 @@ async fn bed() -> Bed {
     let token = api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &pod, NODE).await.expect("bound token");
     let helper = api.client_with_token(&token);
     set_steps(&admin, &[(NODE, STEP, None)]).await;
-    let signer = tokio::spawn(approver::run(admin.clone(), SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem"))));
+    let signer = tokio::spawn(approver::run(admin.clone(), SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem")), Default::default()));
     Bed { api, root, helper, spec, port, _signer: signer }
 }
 
@@ -441,7 +441,7 @@ async fn a_stale_csr_is_denied() {
     let certdir = bed.root.path().join("etc/kubernetes/cert");
     let mut config = SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem"));
     config.max_csr_age_secs = 2;
-    let _signer = tokio::spawn(approver::run(admin.clone(), config));
+    let _signer = tokio::spawn(approver::run(admin.clone(), config, Default::default()));
     let (reason, message) = pending.await.unwrap();
     println!("stale CSR: {reason} {message}");
     assert_eq!(reason, "RequestTooOld", "{message}");

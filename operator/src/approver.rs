@@ -21,6 +21,7 @@ use crate::api::{
     NODE_NAME_EXTRA, POD_NAME_EXTRA, RESCUE_APP, SIGNER_NAME,
 };
 use crate::kube_error::{kube_err, KubeError};
+use crate::metrics::OperatorMetrics;
 use crate::pki::NodeIdentity;
 use crate::rescue::rescue_pod_name;
 use crate::signer::{self, Ca, CsrFacts, Lookups, NodeFacts, PodFacts, Policy};
@@ -63,6 +64,7 @@ struct Ctx {
     client: kube::Client,
     config: SignerConfig,
     deciding: tokio::sync::Mutex<()>,
+    metrics: OperatorMetrics,
 }
 
 /// Whether a node's labels match the master selector.
@@ -184,6 +186,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
                 "message": denial.message, "lastUpdateTime": now.to_string(),
             }]}});
             api.patch_approval(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("denying CSR {name}")))?;
+            ctx.metrics.csr_decisions.inc(&[denial.rule.reason()]);
             return Ok(Action::await_change());
         }
         Err(denial) => {
@@ -193,6 +196,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
                 "message": format!("not signed: {}", denial.message), "lastUpdateTime": now.to_string(),
             }]}});
             api.patch_status(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("failing CSR {name}")))?;
+            ctx.metrics.csr_decisions.inc(&[denial.rule.reason()]);
             return Ok(Action::await_change());
         }
     };
@@ -215,21 +219,24 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         }
         Err(e) => return Err(kube_err(format!("issuing CSR {name}"))(e).into()),
     }
+    ctx.metrics.csr_decisions.inc(&[crate::metrics::ISSUED]);
     tracing::info!(csr = %name, node = %accepted.node, "approved and issued");
     Ok(Action::await_change())
 }
 
-fn error_policy(csr: Arc<CertificateSigningRequest>, err: &ApproverError, _: Arc<Ctx>) -> Action {
+fn error_policy(csr: Arc<CertificateSigningRequest>, err: &ApproverError, ctx: Arc<Ctx>) -> Action {
     tracing::error!(csr = %csr.name_any(), "signer: {err}");
+    ctx.metrics.reconcile_errors.inc(&["signer"]);
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the signer until the stream ends.
-pub async fn run(client: kube::Client, config: SignerConfig) {
+/// Runs the signer until the stream ends; each decision is counted in `metrics`
+/// (`kcm_operator_csr_decisions_total{reason}`).
+pub async fn run(client: kube::Client, config: SignerConfig, metrics: OperatorMetrics) {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
     Controller::new(api, wc)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, config, deciding: Default::default() }))
+        .run(reconcile, error_policy, Arc::new(Ctx { client, config, deciding: Default::default(), metrics }))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("signer: {e}");

@@ -8,6 +8,7 @@ pub mod health;
 pub mod identity;
 pub mod kube_error;
 pub mod logging;
+pub mod metrics;
 pub mod pki;
 pub mod render;
 pub mod rescue;

@@ -7,14 +7,16 @@
 //! new client and restarting the session (elector + signer) with it; the leader keeps its
 //! Lease across the restart because its holder identity does not change.
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kcm_operator::approver::{self, SignerConfig};
 use kcm_operator::election::{self, ElectionConfig, Elector};
-use kcm_operator::health::{self, Ready};
+use kcm_operator::health::{self, Endpoints, Ready};
 use kcm_operator::identity::{self, HostIdentity};
+use kcm_operator::metrics::OperatorMetrics;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum IdentityMode {
@@ -53,7 +55,7 @@ struct Args {
     /// holderIdentity on the Lease; default `<hostname>_<random>` (unique per process).
     #[arg(long, env = "KCM_LEASE_IDENTITY")]
     lease_identity: Option<String>,
-    /// Serve /healthz and /readyz here (e.g. 127.0.0.1:10271); off when unset.
+    /// Serve /healthz, /readyz and /metrics here (the static pod: 0.0.0.0:10271); off when unset.
     #[arg(long, env = "KCM_HEALTH_ADDR")]
     health_addr: Option<SocketAddr>,
     /// Log format: plain or json.
@@ -118,16 +120,20 @@ async fn main() -> anyhow::Result<()> {
         validity: args.client_cert_validity,
     };
 
+    // Every API request of this process, by verb and resource: logged once a minute, and
+    // exported on /metrics.
+    let counts = Arc::new(kcm_operator::apicount::ApiCounts::new());
+    kcm_operator::apicount::spawn_reporter(counts.clone(), Duration::from_secs(60), "kcm-operator");
+    let metrics = OperatorMetrics::new();
+
     let ready = Ready::default();
     if let Some(addr) = args.health_addr {
-        let server = health::serve(addr, ready.clone()).await.with_context(|| format!("binding the health endpoint {addr}"))?;
-        tokio::spawn(server);
-        tracing::info!(%addr, "serving /healthz and /readyz");
+        let (r, m, c) = (ready.clone(), metrics.clone(), counts.clone());
+        let endpoints = Endpoints { ready: Arc::new(move || r.get()), metrics: Arc::new(move || m.render(Some(&c))) };
+        // A taken port ends the process here, with the address in the message.
+        tokio::spawn(health::serve(addr, "--health-addr", endpoints).await?);
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     }
-
-    // Every API request of this process, by verb and resource: logged once a minute.
-    let counts = std::sync::Arc::new(kcm_operator::apicount::ApiCounts::new());
-    kcm_operator::apicount::spawn_reporter(counts.clone(), Duration::from_secs(60), "kcm-operator");
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -160,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let end = tokio::select! {
-            e = lead(elector.as_ref(), client.clone(), signer.clone()) => End::Failed(e),
+            e = lead(elector.as_ref(), client.clone(), signer.clone(), &metrics) => End::Failed(e),
             _ = renewal => End::Renew,
             _ = &mut shutdown => End::Shutdown,
         };
@@ -183,7 +189,8 @@ async fn main() -> anyhow::Result<()> {
 
 /// Waits for leadership (if electing), runs the signer while leading, and stops it the
 /// moment the lease is lost; then waits to lead again. Returns only on a fatal error.
-async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerConfig) -> anyhow::Error {
+/// `kcm_operator_leader` follows.
+async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerConfig, metrics: &OperatorMetrics) -> anyhow::Error {
     loop {
         let lost = async {
             match elector {
@@ -199,16 +206,24 @@ async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerCon
             }
         }
         .await;
+        metrics.set_leading(true);
         let lost = async {
             match lost {
                 Some(f) => f.await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            why = lost => tracing::warn!("lost leadership ({why}): signer stopped"),
-            _ = approver::run(client.clone(), signer.clone()) => return anyhow::anyhow!("signer stream ended"),
-            _ = kcm_operator::rollout::run(client.clone(), signer.ca_cert.clone()) => return anyhow::anyhow!("rollout stream ended"),
+        let end = tokio::select! {
+            why = lost => {
+                tracing::warn!("lost leadership ({why}): signer stopped");
+                None
+            }
+            _ = approver::run(client.clone(), signer.clone(), metrics.clone()) => Some(anyhow::anyhow!("signer stream ended")),
+            _ = kcm_operator::rollout::run(client.clone(), signer.ca_cert.clone(), metrics.clone()) => Some(anyhow::anyhow!("rollout stream ended")),
+        };
+        metrics.set_leading(false);
+        if let Some(e) = end {
+            return e;
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::watch::{by_name, reflect};
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -27,6 +27,7 @@ use crate::api::{
 };
 use crate::approver::is_master;
 use crate::kube_error::{kube_err, KubeError};
+use crate::metrics::{OperatorMetrics, StepResult};
 use crate::render::spec_revision;
 
 /// What to do next.
@@ -63,7 +64,8 @@ pub fn renew_at(spec: &KubeControllerManagerSpec, not_after: i64) -> i64 {
     not_after - validity * i64::from(spec.certificate.renew_when_remaining_percent) / 100
 }
 
-fn parse_time(s: &str) -> Option<i64> {
+/// An RFC 3339 time as unix seconds.
+pub fn parse_time(s: &str) -> Option<i64> {
     s.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| t.as_second())
 }
 
@@ -312,6 +314,63 @@ pub fn set_condition(conds: &mut Vec<Condition>, type_: &str, status: bool, reas
     }
 }
 
+/// A rollout step seen ending: `node`'s KcmNode reports its target revision applied or
+/// failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepEnd {
+    pub node: String,
+    pub revision: String,
+    pub result: StepResult,
+    /// Since the operator gave the target, when this process gave it.
+    pub took: Option<std::time::Duration>,
+}
+
+/// The steps under way, in memory, to count each one once when it ends and time it: a
+/// step is counted when its end is seen after it was given ([`StepTracker::given`]) or seen
+/// under way; one that ended before this process looked is not counted.
+#[derive(Debug, Default)]
+pub struct StepTracker {
+    /// By node: the target revision under way, and when this process gave it.
+    under_way: BTreeMap<String, (String, Option<Instant>)>,
+}
+
+impl StepTracker {
+    /// The operator gave `node` the target `revision` at `at`.
+    pub fn given(&mut self, node: &str, revision: &str, at: Instant) {
+        self.under_way.insert(node.to_string(), (revision.to_string(), Some(at)));
+    }
+
+    /// One look at the KcmNodes (one entry per master): the steps that ended since the last.
+    pub fn observe(&mut self, entries: &[NodeStatus], now: Instant) -> Vec<StepEnd> {
+        self.under_way.retain(|node, _| entries.iter().any(|n| &n.name == node));
+        let mut ended = Vec::new();
+        for n in entries {
+            let Some(target) = n.target_revision.as_deref() else { continue };
+            let result = if n.applied_revision.as_deref() == Some(target) {
+                Some(StepResult::Applied)
+            } else if n.failed_revision.as_deref() == Some(target) {
+                Some(StepResult::Failed)
+            } else {
+                None
+            };
+            match (result, self.under_way.get(&n.name)) {
+                (Some(result), Some((revision, given))) if revision == target => {
+                    ended.push(StepEnd { node: n.name.clone(), revision: revision.clone(), result, took: given.map(|g| now.saturating_duration_since(g)) });
+                    self.under_way.remove(&n.name);
+                }
+                // Ended before this process saw it under way, or a target just given that
+                // the watch has not brought yet: nothing to count now.
+                (Some(_), _) => {}
+                (None, Some((revision, _))) if revision == target => {}
+                (None, _) => {
+                    self.under_way.insert(n.name.clone(), (target.to_string(), None));
+                }
+            }
+        }
+        ended
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error(transparent)]
@@ -325,6 +384,8 @@ struct Ctx {
     /// PEM seeds `kube-root-ca.crt` when no kcm has published it).
     ca_cert: std::path::PathBuf,
     stores: Stores,
+    metrics: OperatorMetrics,
+    steps: std::sync::Mutex<StepTracker>,
 }
 
 /// What the operator knows of the cluster, kept current by watches: a reconcile reads only
@@ -445,7 +506,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
                 publish(ctx, &kcm, EventType::Normal, "Rescue", &d).await;
             }
         }
-        Err(e) => tracing::warn!("rescue: {e}"),
+        Err(e) => {
+            tracing::warn!("rescue: {e}");
+            ctx.metrics.reconcile_errors.inc(&["rescue"]);
+        }
     }
 
     let owner = kcm.controller_owner_ref(&()).expect("a KubeControllerManager from the API has a uid");
@@ -460,6 +524,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     let ca_not_after = ca.as_ref().map(|(_, t)| *t);
     let facts = Facts { masters: &masters, status: &entries, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
     let decision = decide(spec, &facts);
+    let ended = ctx.steps.lock().unwrap_or_else(|p| p.into_inner()).observe(&entries, Instant::now());
+    for e in ended {
+        ctx.metrics.step_ended(&e.revision, e.result, e.took);
+    }
 
     // Targets: every master keeps its current target; the one whose turn it is gets the new one.
     let mut targets: BTreeMap<String, Option<String>> = entries.iter().map(|n| (n.name.clone(), n.target_revision.clone())).collect();
@@ -516,8 +584,15 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         aggregate_entries.push(entry);
     }
 
+    if let Decision::Go { node, revision, .. } = &decision {
+        ctx.steps.lock().unwrap_or_else(|p| p.into_inner()).given(node, revision, Instant::now());
+    }
+
     let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
     let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, ca_message.as_deref(), now.as_second());
+    ctx.metrics.masters(&entries, &renewals, now.as_second());
+    ctx.metrics.kcm_leader_present.set_bool(&[], leader.is_some());
+    ctx.metrics.conditions(wanted_conds.iter().map(|(t, v, _, _)| (*t, *v)));
     let gen = kcm.meta().generation;
     let mut conds = status.conditions.clone();
     for (type_, value, reason, message) in &wanted_conds {
@@ -561,12 +636,13 @@ async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, type_: EventType, reaso
 }
 
 /// Runs the rollout until a watch ends: looks at the stores whenever something changes
-/// (or a deadline comes), never polls the API. `ca_cert`: the cluster CA the signer uses.
-pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf) {
+/// (or a deadline comes), never polls the API. `ca_cert`: the cluster CA the signer uses;
+/// `metrics`: where the per-master series, the conditions and the steps are exported.
+pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, metrics: OperatorMetrics) {
     let recorder = Recorder::new(client.clone(), Reporter { controller: OPERATOR_MANAGER.into(), instance: None });
     let wake = Arc::new(Notify::new());
     let (stores, watches) = Stores::watch(&client, wake.clone());
-    let ctx = Ctx { client, recorder, ca_cert, stores };
+    let ctx = Ctx { client, recorder, ca_cert, stores, metrics, steps: Default::default() };
     let control = async {
         if ctx.stores.ready().await.is_err() {
             return;
@@ -576,6 +652,7 @@ pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!("rollout: {e}");
+                    ctx.metrics.reconcile_errors.inc(&["rollout"]);
                     Duration::from_secs(5)
                 }
             };
@@ -896,6 +973,40 @@ mod tests {
         assert_eq!(live_leader(Some(&lease(NOW - 5)), NOW), Some("m2".into()));
         assert_eq!(live_leader(Some(&lease(NOW - 16)), NOW), None);
         assert_eq!(live_leader(None, NOW), None);
+    }
+
+    #[test]
+    fn each_step_is_counted_once_when_it_ends_and_timed_from_when_it_was_given() {
+        let mut t = StepTracker::default();
+        let t0 = Instant::now();
+        let renew = "abc/renew-0A".to_string();
+        let mut m1 = done("m1", "abc");
+        // Given at t0; the watch still shows the step before (applied): nothing yet.
+        t.given("m1", &renew, t0);
+        assert!(t.observe(&[m1.clone()], t0 + Duration::from_secs(1)).is_empty());
+        // Under way, then applied.
+        m1.target_revision = Some(renew.clone());
+        assert!(t.observe(&[m1.clone()], t0 + Duration::from_secs(2)).is_empty());
+        m1.applied_revision = Some(renew.clone());
+        let ended = t.observe(&[m1.clone()], t0 + Duration::from_secs(40));
+        assert_eq!(ended, [StepEnd { node: "m1".into(), revision: renew.clone(), result: StepResult::Applied, took: Some(Duration::from_secs(40)) }]);
+        // Seen again: not counted twice.
+        assert!(t.observe(&[m1.clone()], t0 + Duration::from_secs(50)).is_empty());
+
+        // A step found under way (given by an earlier leader) counts, without a duration.
+        let mut m2 = done("m2", "abc");
+        m2.target_revision = Some("def".into());
+        assert!(t.observe(&[m1.clone(), m2.clone()], t0).is_empty());
+        m2.failed_revision = Some("def".into());
+        let ended = t.observe(&[m1.clone(), m2.clone()], t0 + Duration::from_secs(5));
+        assert_eq!(ended, [StepEnd { node: "m2".into(), revision: "def".into(), result: StepResult::Failed, took: None }]);
+
+        // A step that ended before this process looked is not counted; a master that left is forgotten.
+        let mut fresh_tracker = StepTracker::default();
+        assert!(fresh_tracker.observe(&[m1.clone(), m2.clone()], t0).is_empty());
+        t.given("m3", "abc", t0);
+        t.observe(&[m1], t0);
+        assert!(t.under_way.is_empty(), "{:?}", t.under_way);
     }
 
     #[test]

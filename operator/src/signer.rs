@@ -58,6 +58,24 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Every rule, in the order they are checked (for metrics that list each reason).
+    pub const ALL: [Rule; 14] = [
+        Rule::Requestor,
+        Rule::HelperPod,
+        Rule::PodLive,
+        Rule::NodeBinding,
+        Rule::NodeIsMaster,
+        Rule::Fresh,
+        Rule::StepPending,
+        Rule::OnePerStep,
+        Rule::RequestParses,
+        Rule::KeyAlgorithm,
+        Rule::Subject,
+        Rule::SubjectAltNames,
+        Rule::ServiceRange,
+        Rule::Usages,
+    ];
+
     /// PascalCase reason for the CSR's Denied condition.
     pub fn reason(self) -> &'static str {
         match self {
@@ -522,22 +540,7 @@ dK4FTmIdaV6yOlLhA+/52MMrUPZ06lC3QDo03leA74QWd1ss4+k=
 
     #[test]
     fn every_rule_has_its_own_reason() {
-        let all = [
-            Rule::Requestor,
-            Rule::HelperPod,
-            Rule::PodLive,
-            Rule::NodeBinding,
-            Rule::NodeIsMaster,
-            Rule::Fresh,
-            Rule::StepPending,
-            Rule::OnePerStep,
-            Rule::RequestParses,
-            Rule::KeyAlgorithm,
-            Rule::Subject,
-            Rule::SubjectAltNames,
-            Rule::ServiceRange,
-            Rule::Usages,
-        ];
+        let all = Rule::ALL;
         let reasons: BTreeSet<&str> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
         assert!(reasons.iter().all(|r| r.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && r.chars().all(|c| c.is_ascii_alphanumeric())));
