@@ -7,5 +7,6 @@ pub mod journal;
 pub mod kubelet;
 pub mod lock;
 pub mod probe;
+pub mod readiness;
 pub mod step;
 pub mod systemd;

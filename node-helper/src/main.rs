@@ -1,7 +1,7 @@
 //! node-helper: installs kube-controller-manager on the master it runs on.
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -12,11 +12,14 @@ use kcm_operator::api::CR_NAME;
 use kcm_operator::api::{KcmNode, KubeControllerManager};
 use kcm_operator::api::{HELPER_MANAGER_PREFIX, OPERATOR_MANIFEST, REPORT_PERIOD_SECS};
 use kcm_operator::flags::KcmVersion;
+use kcm_operator::health::{self, Endpoints};
+use kcm_operator::metrics::{HelperMetrics, StepResult};
 use kcm_operator::render::{self, ClientCredentials};
 use kcm_operator::watch::{by_name, reflect};
 use kube::runtime::reflector::{ObjectRef, Store};
 use node_helper::host::HostFs;
 use node_helper::install;
+use node_helper::readiness::Readiness;
 use node_helper::step::{report_body, Node, Report};
 use node_helper::systemd::HostSystemd;
 
@@ -61,7 +64,26 @@ enum Cmd {
         /// Seconds between two looks at the spec and the unit.
         #[arg(long, default_value_t = 5)]
         interval: u64,
+        /// Serve /metrics, /healthz and /readyz here (the host's network: a port no other
+        /// process of a master uses); `off` for none.
+        #[arg(long, env = kcm_operator::api::HELPER_METRICS_ADDR_ENV, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_listen)]
+        metrics_addr: Listen,
     },
+}
+
+/// Every address of the master, port [`kcm_operator::api::HELPER_METRICS_PORT`] (a test
+/// holds the two together; the DaemonSet's probes use that port).
+const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9477";
+
+/// An address to listen on, or none (`off`).
+#[derive(Clone, Debug, PartialEq)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    match s.trim() {
+        "off" | "" => Ok(Listen(None)),
+        a => a.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{a:?}: {e} (an address like 0.0.0.0:9477, or off)")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,18 +139,45 @@ async fn main() -> anyhow::Result<()> {
             let host = HostFs::new(node.host_root, node.allowed_roots);
             install_once(&client, &host, &node.node_name, csr_wait).await?;
         }
-        Cmd::Run { node, csr_wait, interval } => {
+        Cmd::Run { node, csr_wait, interval, metrics_addr } => {
             let config = kube::Config::infer().await.context("Kubernetes client configuration")?;
             let (client, counts) = kcm_operator::apicount::counted_client(config).context("building Kubernetes client")?;
-            kcm_operator::apicount::spawn_reporter(counts, Duration::from_secs(60), "node-helper");
+            kcm_operator::apicount::spawn_reporter(counts.clone(), Duration::from_secs(60), "node-helper");
             let host = HostFs::new(node.host_root.clone(), node.allowed_roots);
             // SIGTERM (pod deleted, DaemonSet updated) is taken between two looks, never
             // in the middle of a step: the step finishes or rolls back first.
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+            // The CR, this master's KcmNode and Node, kept by watches: no polling. A change
+            // wakes the loop; the interval paces the local checks (unit, health, files).
+            // Started before the host lock is taken: a helper standing by is ready too.
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let (kcm, w1) = reflect(kube::Api::<KubeControllerManager>::all(client.clone()), by_name(CR_NAME), wake.clone());
+            let (me, w2) = reflect(kube::Api::<KcmNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
+            let (this_node, w3) = reflect(kube::Api::<K8sNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
+            tokio::spawn(futures::future::join_all([w1, w2, w3]));
+            let stores = Stores { kcm, me, node: this_node };
+            let readiness = Arc::new(Readiness::default());
+            tokio::spawn({
+                let (stores, readiness) = (stores.clone(), readiness.clone());
+                async move {
+                    if stores.ready().await.is_ok() {
+                        readiness.synced();
+                    }
+                }
+            });
+            let metrics = HelperMetrics::new(&node.node_name);
+            if let Listen(Some(addr)) = metrics_addr {
+                let (r, m) = (readiness.clone(), metrics.clone());
+                let endpoints = Endpoints { ready: Arc::new(move || r.ready()), metrics: Arc::new(move || m.render(Some(&counts))) };
+                // A taken port ends the process here, with the address in the message.
+                tokio::spawn(health::serve(addr, "--metrics-addr", endpoints).await?);
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            }
             let _lock = loop {
                 match node_helper::lock::try_lock(&node.host_root)? {
                     Some(l) => break l,
                     None => {
+                        readiness.standing_by(true);
                         tracing::info!(node = %node.node_name, "another helper acts on this master (host lock {} held): waiting", node_helper::lock::LOCK_PATH)
                     }
                 }
@@ -138,17 +187,10 @@ async fn main() -> anyhow::Result<()> {
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
             };
+            readiness.standing_by(false);
             tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
             // kcm's Lease is released for a follower when this host's kcm exits unplanned.
             tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone()));
-            // The CR, this master's KcmNode and Node, kept by watches: no polling. A change
-            // wakes the loop; the interval paces the local checks (unit, health, files).
-            let wake = Arc::new(tokio::sync::Notify::new());
-            let (kcm, w1) = reflect(kube::Api::<KubeControllerManager>::all(client.clone()), by_name(CR_NAME), wake.clone());
-            let (me, w2) = reflect(kube::Api::<KcmNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
-            let (this_node, w3) = reflect(kube::Api::<K8sNode>::all(client.clone()), by_name(&node.node_name), wake.clone());
-            tokio::spawn(futures::future::join_all([w1, w2, w3]));
-            let stores = Stores { kcm, me, node: this_node };
             tokio::select! {
                 r = stores.ready() => r?,
                 _ = term.recv() => return Ok(()),
@@ -163,11 +205,14 @@ async fn main() -> anyhow::Result<()> {
                 last: None,
                 failed_probes: 0,
                 stores,
+                metrics,
             };
             loop {
+                readiness.tick_started(Instant::now());
                 if let Err(e) = helper.tick().await {
                     tracing::error!("{e:#}");
                 }
+                readiness.tick_ended(Instant::now());
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
                     _ = wake.notified() => {}
@@ -204,6 +249,7 @@ async fn install_once(client: &kube::Client, host: &HostFs, node_name: &str, csr
 }
 
 /// What the helper watches: the CR, its master's KcmNode and Node.
+#[derive(Clone)]
 struct Stores {
     kcm: Store<KubeControllerManager>,
     me: Store<KcmNode>,
@@ -234,6 +280,8 @@ struct Helper {
     last: Option<(i64, Report)>,
     /// Failed health probes in a row.
     failed_probes: u32,
+    /// What /metrics exports: the last look's report, the steps.
+    metrics: HelperMetrics,
 }
 
 /// A kcm that was healthy is reported unhealthy after this many failed probes in a row.
@@ -278,8 +326,12 @@ impl Helper {
             Some(target) => {
                 tracing::info!(node = node_name, %target, "applying revision");
                 match step.apply(spec, target).await {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        self.metrics.step(StepResult::Applied);
+                        r
+                    }
                     Err(e) => {
+                        self.metrics.step(StepResult::Failed);
                         tracing::error!(node = node_name, %target, "step failed: {e}");
                         let (unit_active, healthy) = observe(host, &step, spec, this_node.as_deref()).await;
                         Report {
@@ -322,6 +374,7 @@ impl Helper {
         report.file_hashes = hashes;
         report.drift = drift;
         report.operator_pod_error = operator_pod_error;
+        self.metrics.report(&report);
         let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS) || me.observed_at.is_none();
         if !due {
             return Ok(());
@@ -404,5 +457,23 @@ async fn observe(host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeC
     match (ca, ip) {
         (Some(ca), Some(ip)) => step.observe(spec, &ca, ip).await,
         _ => (false, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_defaults_to_the_helper_port_and_can_be_off() {
+        let default = parse_listen(DEFAULT_METRICS_ADDR).unwrap().0.unwrap();
+        assert_eq!(default.port(), kcm_operator::api::HELPER_METRICS_PORT);
+        assert!(default.ip().is_unspecified());
+        assert_eq!(parse_listen("off"), Ok(Listen(None)));
+        assert_eq!(parse_listen("127.0.0.1:9999"), Ok(Listen(Some("127.0.0.1:9999".parse().unwrap()))));
+        let err = parse_listen("localhost").unwrap_err();
+        assert!(err.contains("or off"), "{err}");
+        let args = Args::try_parse_from(["node-helper", "run", "--node-name", "m1"]).unwrap();
+        assert!(matches!(args.cmd, Cmd::Run { metrics_addr: Listen(Some(a)), .. } if a == default));
     }
 }

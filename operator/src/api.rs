@@ -51,6 +51,16 @@ pub const HELPER_DAEMONSET: &str = "kcm-node-helper";
 pub const OPERATOR_APP: &str = "kcm-operator";
 /// File name of the operator's static pod manifest in the kubelet's static pod directory.
 pub const OPERATOR_MANIFEST: &str = "kcm-operator.yaml";
+/// Port of the operator's /healthz, /readyz and /metrics on every master (its static pod
+/// uses the host's network). Clashes with none of the control plane's (6443, 2379-2380,
+/// 10248-10260) nor the helper's.
+pub const OPERATOR_HEALTH_PORT: u16 = 10271;
+/// Port of the node-helper's /metrics, /healthz and /readyz on every master (hostNetwork):
+/// in the Prometheus exporters' range, away from node-exporter's 9100 and the
+/// control plane's ports.
+pub const HELPER_METRICS_PORT: u16 = 9477;
+/// Environment variable of the helper's `--metrics-addr` (`off`: no server, as in rescue pods).
+pub const HELPER_METRICS_ADDR_ENV: &str = "KCM_HELPER_METRICS_ADDR";
 /// A helper reports at least this often (seconds), also when nothing changed.
 pub const REPORT_PERIOD_SECS: i64 = 10;
 /// A node report older than this (seconds) is unknown: neither healthy nor unhealthy.

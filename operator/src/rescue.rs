@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Pod};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::ResourceExt;
 
-use crate::api::{HELPER_APP, HELPER_DAEMONSET, NAMESPACE, RESCUE_APP};
+use crate::api::{HELPER_APP, HELPER_DAEMONSET, HELPER_METRICS_ADDR_ENV, NAMESPACE, RESCUE_APP};
 
 /// A DaemonSet pod younger than this (seconds) is given time to become Ready before a
 /// rescue pod is made for its master.
@@ -82,7 +82,10 @@ pub fn plan(masters: &[String], pods: &[HelperPod]) -> Vec<RescueAction> {
 }
 
 /// The rescue pod for `node`: the DaemonSet's pod template, pinned to the node, with the
-/// rescue label instead of the DaemonSet's.
+/// rescue label instead of the DaemonSet's, and without the helper's HTTP server: it shares
+/// the host's network with the DaemonSet's pod, which takes over on the same master and
+/// serves the port (a second pod declaring the same host port is refused by the kubelet's
+/// admission, and a second bind would fail).
 pub fn rescue_pod(ds: &DaemonSet, node: &str) -> Option<Pod> {
     let template = ds.spec.as_ref()?.template.clone();
     let mut spec = template.spec?;
@@ -90,6 +93,15 @@ pub fn rescue_pod(ds: &DaemonSet, node: &str) -> Option<Pod> {
     // Bound by nodeName: no scheduler involved, so no affinity or selector to satisfy.
     spec.affinity = None;
     spec.node_selector = None;
+    for c in &mut spec.containers {
+        c.ports = None;
+        c.liveness_probe = None;
+        c.readiness_probe = None;
+        c.startup_probe = None;
+        let env = c.env.get_or_insert_with(Vec::new);
+        env.retain(|e| e.name != HELPER_METRICS_ADDR_ENV);
+        env.push(EnvVar { name: HELPER_METRICS_ADDR_ENV.into(), value: Some("off".into()), value_from: None });
+    }
     let mut labels: BTreeMap<String, String> = template.metadata.and_then(|m| m.labels).unwrap_or_default();
     labels.insert("app.kubernetes.io/name".into(), RESCUE_APP.into());
     labels.insert(crate::api::CSR_NODE_LABEL.into(), node.to_string());
@@ -253,14 +265,23 @@ mod tests {
             "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": HELPER_APP}},
                      "template": {"metadata": {"labels": {"app.kubernetes.io/name": HELPER_APP}},
                                   "spec": {"serviceAccountName": "kcm-node-helper", "nodeSelector": {"x": "y"},
-                                           "containers": [{"name": "node-helper", "image": "img:1"}]}}}
+                                           "containers": [{"name": "node-helper", "image": "img:1",
+                                                           "env": [{"name": HELPER_METRICS_ADDR_ENV, "value": "0.0.0.0:9477"}],
+                                                           "ports": [{"name": "metrics", "containerPort": 9477}],
+                                                           "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9477}},
+                                                           "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9477}}}]}}}
         }))
         .unwrap();
         let p = rescue_pod(&ds, "m2").unwrap();
         let spec = p.spec.unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("m2"));
         assert_eq!(spec.node_selector, None);
-        assert_eq!(spec.containers[0].image.as_deref(), Some("img:1"));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        // No second server, port or probe on the master the DaemonSet's pod serves.
+        assert!(c.ports.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none(), "{c:?}");
+        let env: Vec<(&str, Option<&str>)> = c.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
+        assert_eq!(env, [(HELPER_METRICS_ADDR_ENV, Some("off"))]);
         assert_eq!(p.metadata.labels.unwrap()["app.kubernetes.io/name"], RESCUE_APP, "not matched by the DaemonSet's selector");
         assert_eq!(p.metadata.name.as_deref(), Some("kcm-node-helper-rescue-m2"));
     }

@@ -12,8 +12,10 @@ use serde_json::json;
 use crate::api::{KubeControllerManagerSpec, NAMESPACE, OPERATOR_APP};
 use crate::identity::DEFAULT_APISERVER;
 
-/// Where the operator serves /healthz and /readyz (loopback of the master; hostNetwork).
-pub const HEALTH_PORT: u16 = 10271;
+/// Where the operator serves /healthz, /readyz and /metrics: on every address of the
+/// master (the pod uses the host's network), so Prometheus can scrape it; the kubelet
+/// probes it on loopback.
+pub const HEALTH_PORT: u16 = crate::api::OPERATOR_HEALTH_PORT;
 
 /// The operator's static pod manifest (YAML) for `spec`, running `image`.
 pub fn operator_pod(spec: &KubeControllerManagerSpec, image: &str) -> String {
@@ -48,7 +50,7 @@ pub fn operator_pod(spec: &KubeControllerManagerSpec, image: &str) -> String {
                     format!("--ca-key={}", p.ca_key),
                     format!("--apiserver={DEFAULT_APISERVER}"),
                     "--client-cert-validity=24h",
-                    format!("--health-addr=127.0.0.1:{HEALTH_PORT}"),
+                    format!("--health-addr=0.0.0.0:{HEALTH_PORT}"),
                 ],
                 "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false},
                 "livenessProbe": liveness,
@@ -90,6 +92,35 @@ mod tests {
         assert_eq!(vols, ["/etc/kubernetes/cert/ca.pem", "/etc/kubernetes/cert/ca-key.pem"]);
         assert_eq!(pod["metadata"]["namespace"], NAMESPACE);
         assert_eq!(pod["spec"]["hostNetwork"], true);
+    }
+
+    #[test]
+    fn probes_hit_the_health_address_on_a_port_apart_from_the_helpers() {
+        let pod: serde_json::Value = serde_yaml::from_str(&operator_pod(&spec(json!({})), "img")).unwrap();
+        assert_eq!(pod["spec"]["hostNetwork"], true, "the port is the host's: it must not clash");
+        let c = &pod["spec"]["containers"][0];
+        assert!(c["args"].as_array().unwrap().iter().any(|a| a == "--health-addr=0.0.0.0:10271"), "{}", c["args"]);
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            let get = &c[probe]["httpGet"];
+            assert_eq!(
+                (get["host"].as_str(), get["path"].as_str(), get["port"].as_u64()),
+                (Some("127.0.0.1"), Some(path), Some(u64::from(HEALTH_PORT))),
+                "{probe}"
+            );
+        }
+        // The helper DaemonSet runs on the same masters with the host's network too.
+        let ds: serde_json::Value = serde_yaml::from_str(include_str!("../../manifests/base/node-helper.yaml")).unwrap();
+        let helper = &ds["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+        let port = u64::from(crate::api::HELPER_METRICS_PORT);
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(helper[probe]["httpGet"]["port"].as_u64(), Some(port), "helper {probe}");
+        }
+        assert_eq!(helper["ports"][0]["containerPort"].as_u64(), Some(port));
+        let env = helper["env"].as_array().unwrap().iter().find(|e| e["name"] == crate::api::HELPER_METRICS_ADDR_ENV).expect("the helper's address is set");
+        assert_eq!(env["value"], format!("0.0.0.0:{port}"));
+        assert_ne!(HEALTH_PORT, crate::api::HELPER_METRICS_PORT);
+        assert!(![6443, 2379, 2380].contains(&HEALTH_PORT) && !(10248..=10260).contains(&HEALTH_PORT));
     }
 
     #[test]
