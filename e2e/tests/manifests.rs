@@ -138,3 +138,140 @@ async fn control_characters_are_refused_by_the_crd_on_a_real_apiserver() {
     }
     assert_eq!(tried, 25);
 }
+
+/// The metric names a PromQL expression selects: its identifiers, less functions (followed
+/// by `(`), aggregation operators, keywords, numbers, label names (inside `{}`, and the
+/// lists after `by`, `without`, `on`, `ignoring`, `group_left`, `group_right`) and
+/// durations (inside `[]`).
+fn metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: [&str; 25] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ];
+    const GROUPING: [&str; 6] = ["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let chars: Vec<char> = expr.chars().collect();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let (mut names, mut i, mut after_grouping) = (Vec::new(), 0, false);
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' || c == '[' || (c == '(' && after_grouping) {
+            let close = match c {
+                '{' => '}',
+                '[' => ']',
+                _ => ')',
+            };
+            let mut in_string = false;
+            i += 1;
+            while i < chars.len() && (in_string || chars[i] != close) {
+                if chars[i] == '"' && chars[i - 1] != '\\' {
+                    in_string = !in_string;
+                }
+                i += 1;
+            }
+            after_grouping = false;
+        } else if c.is_ascii_digit() || c == '.' {
+            while i < chars.len() && (ident(chars[i]) || chars[i] == '.') {
+                i += 1;
+            }
+            continue;
+        } else if ident(c) {
+            let start = i;
+            while i < chars.len() && ident(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            after_grouping = GROUPING.contains(&word.as_str());
+            if next != Some(&'(') && !KEYWORDS.contains(&word.as_str()) {
+                names.push(word);
+            }
+            continue;
+        } else if !c.is_whitespace() {
+            after_grouping = false;
+        }
+        i += 1;
+    }
+    names
+}
+
+#[test]
+fn metric_names_of_promql() {
+    assert_eq!(metric_names("min by (node) (a_seconds) - time() < 30 * 86400"), ["a_seconds"]);
+    assert_eq!(metric_names(r#"max(b{type="Degraded", status="true"}) == 1 and on (x) rate(c_total[5m]) > 1e3"#), ["b", "c_total"]);
+}
+
+/// Issue 11: `manifests/monitoring/` applies on a real apiserver once the Prometheus
+/// Operator's PrometheusRule CRD is there (a minimal copy in `e2e/testdata/`, checked with
+/// strict field validation), and its alerts name only metrics `kcm_operator::metrics` exports.
+#[tokio::test]
+async fn monitoring_rules_apply_on_a_real_apiserver_and_name_only_exported_metrics() {
+    let api = apiserver_with_crd().await;
+    let (ok, out) = run(&api, &["apply", "-f", "e2e/testdata/prometheusrule-crd.yaml"], None);
+    assert!(ok, "PrometheusRule CRD apply: {out}");
+    let (ok, out) = run(&api, &["wait", "--for=condition=Established", "--timeout=30s", "crd/prometheusrules.monitoring.coreos.com"], None);
+    assert!(ok, "PrometheusRule CRD established: {out}");
+
+    let (ok, out) = run(&api, &["apply", "--dry-run=server", "-k", "manifests/monitoring/"], None);
+    println!("dry-run -k manifests/monitoring/:\n{out}");
+    assert!(ok, "kubectl apply --dry-run=server -k manifests/monitoring/ failed:\n{out}");
+    assert!(out.contains("prometheusrule.monitoring.coreos.com/kcm-operator"), "{out}");
+    // The schema is enforced: a bad duration and a misplaced field are refused.
+    let rule = |extra: &str| {
+        format!("apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: bad\n  namespace: kcm-operator\nspec:\n  groups:\n    - name: g\n      rules:\n        - alert: A\n          expr: vector(1)\n{extra}")
+    };
+    for (extra, want) in
+        [("          for: 5 minutes\n", "spec.groups[0].rules[0].for"), ("          severity: page\n", "unknown field \"spec.groups[0].rules[0].severity\"")]
+    {
+        let (ok, out) = run(&api, &["apply", "--dry-run=server"], Some(&rule(extra)));
+        assert!(!ok && out.contains(want), "a bad rule ({extra:?}) was not refused with {want:?}:\n{out}");
+    }
+    let (ok, out) = run(&api, &["apply", "--dry-run=server"], Some(&rule("          for: 5m\n")));
+    assert!(ok, "a good rule was refused: {out}");
+
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(repo.join("manifests/monitoring/prometheusrule.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let exported = kcm_operator::metrics::exported_names();
+    let mut alerts = Vec::new();
+    for group in doc["spec"]["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let alert = rule["alert"].as_str().expect("an alert");
+            let expr = rule["expr"].as_str().expect("an expr");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{alert}: no metric in {expr:?}");
+            for n in &names {
+                assert!(exported.contains(n), "{alert}: {n} is not exported by kcm_operator::metrics ({exported:?})");
+            }
+            assert!(rule["for"].as_str().is_some() && rule["labels"]["severity"].as_str().is_some(), "{alert}: for and severity");
+            for a in ["summary", "description"] {
+                assert!(rule["annotations"][a].as_str().is_some_and(|t| !t.is_empty()), "{alert}: no {a}");
+            }
+            alerts.push((alert.to_string(), rule["for"].as_str().unwrap().to_string()));
+        }
+    }
+    let want = [("KcmCertificateExpiresSoon", "15m"), ("KcmNoLeader", "1m"), ("KcmOperatorDegraded", "10m"), ("KcmMasterUnhealthy", "5m")];
+    assert_eq!(alerts, want.map(|(a, f)| (a.to_string(), f.to_string())));
+}
