@@ -64,8 +64,9 @@ api_tier() {
   cargo test -p e2e --test api_tier --test install --test manifests --test admission -- --test-threads 2
 }
 
-# Static binaries (glibc, crt-static) in one FROM-scratch image: /kcm-operator and
-# /node-helper. The helper places the operator's static pod with its own image.
+# Static binaries (glibc, crt-static) in one FROM-scratch image, operator/Dockerfile (the
+# same file a release uses): /kcm-operator and /node-helper. The helper places the
+# operator's static pod with its own image. The context holds only the two binaries.
 IMAGE=kcm-operator/kcm-operator:dev
 build_images() {
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-static" \
@@ -73,8 +74,7 @@ build_images() {
   local out="$KCM_CACHE/cargo-target-static/$STATIC_TARGET/release" ctx
   ctx=$(mktemp -d)
   cp "$out/kcm-operator" "$out/node-helper" "$ctx/" || return 1
-  printf 'FROM scratch\nCOPY kcm-operator node-helper /\nENTRYPOINT ["/kcm-operator"]\n' >"$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" "$ctx" >/dev/null || return 1
+  DOCKER_BUILDKIT=0 docker build -q -f "$REPO/operator/Dockerfile" -t "$IMAGE" "$ctx" >/dev/null || return 1
   rm -rf "$ctx"
   log "built image $IMAGE"
 }
