@@ -1,20 +1,24 @@
 //! The install path against a real kube-apiserver: `kubectl apply --dry-run=server -k`
 //! of both kustomizations succeeds, and malformed KubeControllerManagers are rejected by
-//! the CRD's schema and CEL rules with a message that says what is wrong.
+//! the CRD's schema and CEL rules with a message that says what is wrong. An install points
+//! at a registry through kustomize's `images:`, the operator's static pod included.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use e2e::apitier::ApiServer;
 
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repo root")
+}
+
 fn kubectl() -> PathBuf {
     e2e::apitier::k8s_bin("kubectl").expect("kubectl binary")
 }
 
 fn run(api: &ApiServer, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(kubectl());
-    cmd.current_dir(&repo).arg("--kubeconfig").arg(api.admin_kubeconfig_path()).args(args);
+    cmd.current_dir(repo()).arg("--kubeconfig").arg(api.admin_kubeconfig_path()).args(args);
     let out = if let Some(input) = stdin {
         use std::io::Write;
         let mut child = cmd
@@ -95,8 +99,7 @@ async fn control_characters_are_refused_by_the_crd_on_a_real_apiserver() {
     let kind_cr = "manifests/kind/kubecontrollermanager.yaml";
     let (ok, out) = run(&api, &["apply", "--dry-run=server", "-f", kind_cr], None);
     assert!(ok, "the kind CR is refused: {out}");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let good: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo.join(kind_cr)).unwrap()).unwrap();
+    let good: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(repo().join(kind_cr)).unwrap()).unwrap();
 
     // Sent as JSON, so each control character travels as its JSON escape ("\n", "\r",
     // "\u0000", "\t", "\u007f").
@@ -274,4 +277,97 @@ async fn monitoring_rules_apply_on_a_real_apiserver_and_name_only_exported_metri
     }
     let want = [("KcmCertificateExpiresSoon", "15m"), ("KcmNoLeader", "1m"), ("KcmOperatorDegraded", "10m"), ("KcmMasterUnhealthy", "5m")];
     assert_eq!(alerts, want.map(|(a, f)| (a.to_string(), f.to_string())));
+}
+
+/// The image the repo's kustomizations name (what `e2e/run.sh` builds and loads into kind).
+const DEV_IMAGE: &str = "kcm-operator/kcm-operator:dev";
+/// A registry a user ships to.
+const SHIPPED_IMAGE: &str = "registry.example.com/team/kcm-operator:1.2.3";
+
+/// `kubectl kustomize <dir>` (client side).
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new(kubectl()).arg("kustomize").arg(dir).output().unwrap();
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every container image of every pod spec in a multi-document render: `(kind/name/container, image)`.
+fn pod_images(render: &str) -> Vec<(String, String)> {
+    use serde::Deserialize;
+    let mut found = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(render) {
+        let doc = serde_json::Value::deserialize(doc).unwrap();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let pod = match kind {
+            "Pod" => &doc["spec"],
+            "DaemonSet" | "Deployment" | "StatefulSet" | "ReplicaSet" | "Job" => &doc["spec"]["template"]["spec"],
+            "CronJob" => &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => continue,
+        };
+        for list in ["initContainers", "containers"] {
+            for c in pod[list].as_array().into_iter().flatten() {
+                let at = format!("{kind}/{}/{}", doc["metadata"]["name"].as_str().unwrap_or_default(), c["name"].as_str().unwrap_or_default());
+                found.push((at, c["image"].as_str().unwrap_or_default().to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// `kcm-operator static-pod --cr <cr> --image <image>`, the CLI itself (built by cargo: a
+/// binary of another package has no `CARGO_BIN_EXE_*` here).
+fn static_pod(cr: &Path, image: &str) -> serde_json::Value {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo())
+        .args(["run", "-q", "-p", "kcm-operator", "--bin", "kcm-operator", "--", "static-pod", "--cr"])
+        .arg(cr)
+        .args(["--image", image])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kcm-operator static-pod --cr {} --image {image}: {}", cr.display(), String::from_utf8_lossy(&out.stderr));
+    serde_yaml::from_slice(&out.stdout).unwrap()
+}
+
+/// Issue 11: `images:` in a kustomization points an install at a registry. For each
+/// kustomization users apply, an overlay in a temp dir (resources: the repo's, `images:` to
+/// another registry) renders that image in every pod spec and the dev image nowhere, and the
+/// apiserver accepts it. The operator's static pod follows: the helper writes it with the
+/// image of its own container `node-helper`, and `kcm-operator static-pod` given the
+/// DaemonSet's rendered image runs exactly that image.
+#[tokio::test]
+async fn images_point_the_install_and_the_operators_static_pod_at_a_registry() {
+    let api = apiserver_with_crd().await;
+    let repo = repo();
+    let (name, tag) = SHIPPED_IMAGE.rsplit_once(':').unwrap();
+    for (k, cr) in [("manifests", "manifests/kubecontrollermanager.yaml"), ("manifests/kind", "manifests/kind/kubecontrollermanager.yaml")] {
+        let default = pod_images(&kustomize(&repo.join(k)));
+        assert!(!default.is_empty() && default.iter().all(|(_, i)| i == DEV_IMAGE), "{k} as shipped: {default:?}");
+
+        // A user's overlay: kustomize takes a base only by a relative path.
+        let overlay = tempfile::tempdir().unwrap();
+        let up: PathBuf = overlay.path().canonicalize().unwrap().components().skip(1).map(|_| "..").collect();
+        let kustomization = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\nimages:\n  - name: kcm-operator/kcm-operator\n    newName: {name}\n    newTag: \"{tag}\"\n",
+            up.join(repo.join(k).strip_prefix("/").unwrap()).display()
+        );
+        std::fs::write(overlay.path().join("kustomization.yaml"), &kustomization).unwrap();
+        let render = kustomize(overlay.path());
+        let images = pod_images(&render);
+        println!("{k} with images: {SHIPPED_IMAGE}: {images:?}");
+        assert!(images.iter().any(|(at, _)| at == "DaemonSet/kcm-node-helper/node-helper"), "{k}: no helper container in {images:?}");
+        assert!(images.iter().all(|(_, i)| i == SHIPPED_IMAGE), "{k}: a pod spec does not run {SHIPPED_IMAGE}: {images:?}");
+        assert!(!render.contains(DEV_IMAGE), "{k}: {DEV_IMAGE} is still in the render:\n{render}");
+
+        let (ok, out) = run(&api, &["apply", "--dry-run=server", "-k", &overlay.path().display().to_string()], None);
+        assert!(ok, "kubectl apply --dry-run=server of the overlay over {k}:\n{kustomization}\n{out}");
+        assert!(out.contains("daemonset.apps/kcm-node-helper"), "{out}");
+
+        // What node-helper's own_image reads (its container `node-helper`) is what it places.
+        let helper_image = &images.iter().find(|(at, _)| at == "DaemonSet/kcm-node-helper/node-helper").unwrap().1;
+        let pod = static_pod(&repo.join(cr), helper_image);
+        let containers = pod["spec"]["containers"].as_array().unwrap();
+        assert!(!containers.is_empty() && containers.iter().all(|c| c["image"] == SHIPPED_IMAGE), "static pod for {cr}: {pod}");
+        assert_eq!(containers[0]["command"][0], "/kcm-operator", "{pod}");
+    }
 }
