@@ -304,6 +304,23 @@ async fn ha_kcm_on_three_masters() {
         let (_, unit) = on_node(m, &format!("cat {}", kcm_paths.unit));
         assert!(unit.contains(&format!("--concurrent-gc-syncs={gc} ")), "new flag on {m}");
     }
+    // One RolloutStep Event per master, regarding its KcmNode, naming the node and the revision.
+    let rev = spec_revision(&Api::<KubeControllerManager>::all(c.clone()).get(CR_NAME).await.unwrap().spec);
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(c.clone()).list(&ListParams::default().fields("reason=RolloutStep")).await.unwrap();
+    let steps: BTreeMap<String, String> = events
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("KcmNode"))
+        .filter_map(|e| Some((e.regarding.as_ref()?.name.clone()?, e.note.clone()?)))
+        .filter(|(_, note)| note.contains(&rev))
+        .collect();
+    println!("RolloutStep events for revision {rev}: {steps:?}");
+    for m in &masters {
+        assert!(
+            steps.get(m).is_some_and(|note| note.starts_with(&format!("{m}: "))),
+            "a RolloutStep Event regarding KcmNode {m} names it and {rev}: {steps:?}"
+        );
+    }
 
     // Bad input: a kcm binary that does not exist. The first node fails before touching
     // anything, the rollout stops Degraded, the other masters keep running, a leader remains.

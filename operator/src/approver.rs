@@ -9,11 +9,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
@@ -65,6 +66,27 @@ struct Ctx {
     config: SignerConfig,
     deciding: tokio::sync::Mutex<()>,
     metrics: OperatorMetrics,
+}
+
+/// One Event per decision: regarding the KcmNode of the node the CSR names (so `kubectl
+/// describe kcmnode <node>` shows what its helper was given or refused), related to the CSR;
+/// regarding the CSR when it names no node. The reason is `CertificateIssued` or the rule's.
+async fn decided_event(ctx: &Ctx, csr: &CertificateSigningRequest, type_: EventType, reason: &str, note: String) {
+    let node = csr.labels().get(crate::api::CSR_NODE_LABEL).cloned();
+    let csr_ref = csr.object_ref(&());
+    let (regarding, secondary) = match node {
+        Some(n) => {
+            let r = ObjectReference {
+                api_version: Some(KcmNode::api_version(&()).into()),
+                kind: Some(KcmNode::kind(&()).into()),
+                name: Some(n),
+                ..Default::default()
+            };
+            (r, Some(csr_ref))
+        }
+        None => (csr_ref, None),
+    };
+    crate::events::publish(&ctx.client, &regarding, secondary, type_, "Sign", reason, &note).await;
 }
 
 /// Whether a node's labels match the master selector.
@@ -187,6 +209,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
             }]}});
             api.patch_approval(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("denying CSR {name}")))?;
             ctx.metrics.csr_decisions.inc(&[denial.rule.reason()]);
+            decided_event(&ctx, &csr, EventType::Warning, denial.rule.reason(), format!("CSR {name} denied: {}", denial.message)).await;
             return Ok(Action::await_change());
         }
         Err(denial) => {
@@ -197,6 +220,8 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
             }]}});
             api.patch_status(&name, &pp, &Patch::Merge(&patch)).await.map_err(kube_err(format!("failing CSR {name}")))?;
             ctx.metrics.csr_decisions.inc(&[denial.rule.reason()]);
+            decided_event(&ctx, &csr, EventType::Warning, denial.rule.reason(), format!("CSR {name} approved by someone else, not signed: {}", denial.message))
+                .await;
             return Ok(Action::await_change());
         }
     };
@@ -221,6 +246,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
     }
     ctx.metrics.csr_decisions.inc(&[crate::metrics::ISSUED]);
     tracing::info!(csr = %name, node = %accepted.node, "approved and issued");
+    decided_event(&ctx, &csr, EventType::Normal, "CertificateIssued", format!("CSR {name}: certificate issued for master {}", accepted.node)).await;
     Ok(Action::await_change())
 }
 

@@ -3,6 +3,7 @@ pub mod api;
 pub mod apicount;
 pub mod approver;
 pub mod election;
+pub mod events;
 pub mod flags;
 pub mod health;
 pub mod identity;

@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -379,7 +379,6 @@ pub enum RolloutError {
 
 struct Ctx {
     client: kube::Client,
-    recorder: Recorder,
     /// The cluster CA certificate the signer issues under (its notAfter caps renewals; its
     /// PEM seeds `kube-root-ca.crt` when no kcm has published it).
     ca_cert: std::path::PathBuf,
@@ -503,7 +502,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         Ok(done) => {
             for d in done {
                 tracing::info!("rescue: {d}");
-                publish(ctx, &kcm, EventType::Normal, "Rescue", &d).await;
+                publish(ctx, &kcm, None, EventType::Normal, "Rescue", &d).await;
             }
         }
         Err(e) => {
@@ -535,17 +534,17 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         targets.insert(node.clone(), Some(revision.clone()));
         let note = format!("{node}: revision {revision} ({why})");
         tracing::info!("rollout: {note}");
-        publish(ctx, &kcm, EventType::Normal, "RolloutStep", &note).await;
+        publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Normal, "RolloutStep", &note).await;
     }
     let was_degraded = |reason: &str| status.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason);
     if let Decision::Stop { node, reason } = &decision {
         if !was_degraded("RolloutFailed") {
-            publish(ctx, &kcm, EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
+            publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
         }
     }
     if let Decision::Backoff { node, reason } = &decision {
         if !was_degraded("RepairFailed") {
-            publish(ctx, &kcm, EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
+            publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
         }
     }
 
@@ -628,21 +627,23 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     Ok(Duration::from_secs(secs as u64))
 }
 
-async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, type_: EventType, reason: &str, note: &str) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note.into()), action: "Rollout".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &kcm.object_ref(&())).await {
-        tracing::warn!("event {reason}: {e}");
-    }
+/// One Event per step (see [`crate::events`]): regarding the master's KcmNode when it is
+/// about one master, related to the CR; regarding the CR otherwise.
+async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, node: Option<&KcmNode>, type_: EventType, reason: &str, note: &str) {
+    let (regarding, secondary) = match node {
+        Some(n) => (n.object_ref(&()), Some(kcm.object_ref(&()))),
+        None => (kcm.object_ref(&()), None),
+    };
+    crate::events::publish(&ctx.client, &regarding, secondary, type_, "Rollout", reason, note).await;
 }
 
 /// Runs the rollout until a watch ends: looks at the stores whenever something changes
 /// (or a deadline comes), never polls the API. `ca_cert`: the cluster CA the signer uses;
 /// `metrics`: where the per-master series, the conditions and the steps are exported.
 pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, metrics: OperatorMetrics) {
-    let recorder = Recorder::new(client.clone(), Reporter { controller: OPERATOR_MANAGER.into(), instance: None });
     let wake = Arc::new(Notify::new());
     let (stores, watches) = Stores::watch(&client, wake.clone());
-    let ctx = Ctx { client, recorder, ca_cert, stores, metrics, steps: Default::default() };
+    let ctx = Ctx { client, ca_cert, stores, metrics, steps: Default::default() };
     let control = async {
         if ctx.stores.ready().await.is_err() {
             return;
