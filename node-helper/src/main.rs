@@ -157,11 +157,16 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(futures::future::join_all([w1, w2, w3]));
             let stores = Stores { kcm, me, node: this_node };
             let readiness = Arc::new(Readiness::default());
+            // One waiter on the stores' first sync: kube's Store wakes only the last of several
+            // concurrent `wait_until_ready` callers (a oneshot keeps one waker), so the run loop
+            // below waits on this channel, never on the stores a second time.
+            let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
             tokio::spawn({
                 let (stores, readiness) = (stores.clone(), readiness.clone());
                 async move {
                     if stores.ready().await.is_ok() {
                         readiness.synced();
+                        let _ = synced_tx.send(true);
                     }
                 }
             });
@@ -192,7 +197,9 @@ async fn main() -> anyhow::Result<()> {
             // kcm's Lease is released for a follower when this host's kcm exits unplanned.
             tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone()));
             tokio::select! {
-                r = stores.ready() => r?,
+                r = synced_rx.wait_for(|synced| *synced) => {
+                    r.context("the watches of the CR, the KcmNode and the Node ended before their first sync")?;
+                }
                 _ = term.recv() => return Ok(()),
             }
             let mut helper = Helper {
