@@ -338,7 +338,8 @@ async fn ha_kcm_on_three_masters() {
         assert!(unit_active(m), "kcm still active on {m}");
     }
     assert!(kcm_leader(&c).await.is_some(), "a leader remains");
-    let (ok, events) = kubectl(&["get", "events", "-A", "--field-selector", "involvedObject.kind=KubeControllerManager", "-o", "jsonpath={.items[*].reason}"]);
+    // Step Events regard the masters' KcmNodes (one per step, see operator/src/events.rs).
+    let (ok, events) = kubectl(&["get", "events", "-A", "--field-selector", "involvedObject.kind=KcmNode", "-o", "jsonpath={.items[*].reason}"]);
     assert!(ok && events.contains("RolloutStopped") && events.contains("RolloutStep"), "events: {events}");
     // Put it right: the rollout resumes and completes.
     let patch = serde_json::json!({"spec": {"kcm": {"binaryPath": "/opt/k8s/bin/kube-controller-manager"}}});
