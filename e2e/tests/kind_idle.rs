@@ -59,9 +59,25 @@ async fn metrics_match_the_masters() {
     assert!(rows.iter().all(|(_, d, s)| *s == Some(*d)), "the leader's notAfter series {series:?} differ from the certificates on disk {rows:?}");
     assert_eq!(series.len(), masters.len(), "one series per master: {series:?}");
     println!("operator leader {leader} /metrics: notAfter per master = the certificate on its disk: {rows:?}");
-    let issued: f64 = masters.iter().filter_map(|m| sample(&scrape(m, OPERATOR_HEALTH_PORT), "kcm_operator_csr_decisions_total{reason=\"Issued\"}")).sum();
-    println!("certificates issued, counted by the operator replicas: {issued}");
-    assert!(issued >= 1.0, "no replica counted an issued certificate (kind_crash issued three)");
+    // A certificate issued now is counted: the certificate deleted on one master (drift), its
+    // repair gets a new one.
+    let issued = || masters.iter().filter_map(|m| sample(&scrape(m, OPERATOR_HEALTH_PORT), "kcm_operator_csr_decisions_total{reason=\"Issued\"}")).sum::<f64>();
+    let before = issued();
+    let target = masters.iter().find(|m| **m != leader).expect("a follower").clone();
+    let serial = |s: &kcm_operator::api::KubeControllerManagerStatus| s.nodes.iter().find(|n| n.name == target).and_then(|n| n.cert_serial.clone());
+    let old = serial(&cr(&c).await.expect("the CR").1);
+    let (ok, out) = on_node(&target, &format!("rm -f {}", kcm.spec.paths.cert));
+    assert!(ok, "{out}");
+    let renewed = e2e::apitier::poll("the repaired master's new certificate", Duration::from_secs(120), || async {
+        let (_, s) = cr(&c).await?;
+        let n = s.nodes.iter().find(|n| n.name == target)?;
+        (n.healthy && serial(&s) != old && n.drift.is_empty()).then_some(())
+    })
+    .await;
+    assert!(renewed.is_some(), "{target} did not get a new certificate after its certificate was deleted\n{}", diagnostics());
+    let after = issued();
+    println!("certificates issued, counted by the operator replicas: {before} before, {after} after the repair of {target}");
+    assert!(after >= before + 1.0, "the issued certificate was not counted ({before} -> {after})");
     for m in &masters {
         let text = scrape(m, HELPER_METRICS_PORT);
         let h = sample(&text, &format!("kcm_node_helper_healthy{{node=\"{m}\"}}"));
