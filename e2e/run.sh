@@ -3,6 +3,8 @@
 #   bash e2e/run.sh up     a kind cluster with 3 control-plane nodes, the operator's images
 #                          loaded and manifests/kind applied
 #   bash e2e/run.sh test   every test: fmt and clippy, unit, CRD drift, API tier, kind e2e
+#   bash e2e/run.sh bench  the benchmarks, side by side with the alternatives, on the cluster
+#                          `up` made (plus API tiers of their own): e2e/bench/RESULTS.md
 #   bash e2e/run.sh down   delete the cluster
 # Caches live outside the repo: $KCM_CACHE (default /var/cache/kcm-operator).
 set -euo pipefail
@@ -128,10 +130,20 @@ cmd_test() {
   log "all tests passed in $((SECONDS - t0))s"
 }
 
+cmd_bench() {
+  step toolchain ensure_toolchain
+  step k8s-binaries k8s_bins
+  # Release: the figures are the product's, not a debug build's. Not part of `test`.
+  step bench-build cargo build -q --release -p kcm-operator -p e2e --bins
+  # The API-tier scenarios run this operator binary against their own apiserver.
+  KCM_OPERATOR_BIN="$CARGO_TARGET_DIR/release/kcm-operator" step bench "$CARGO_TARGET_DIR/release/bench" "$@"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
   test) cmd_test ;;
   images) step images build_images && step load-images load_images ;;  # rebuild + load into the running cluster
+  bench) shift; cmd_bench "$@" ;;
   down) cluster_down ;;
-  *) echo "usage: $0 up|test|images|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|test|bench [--only key,key]|images|down" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 //! - [`apitier`]: a real etcd + kube-apiserver per test (no kubelet, no kind).
 
 pub mod apitier;
+pub mod bench;
 pub mod kind;
 
 pub use apitier::{bound_sa_token, whoami, ApiServer, ApiServerOptions};

@@ -1,0 +1,281 @@
+//! Benchmarks side by side (`bash e2e/run.sh bench`): every scenario measures ours next to
+//! what an admin would do instead, on the same cluster in the same run, and returns [`Row`]s.
+//! The binary `e2e/src/bin/bench.rs` runs them and writes `e2e/bench/results.json` and
+//! `e2e/bench/RESULTS.md` (the table). The figures are measured, never assumed: a row whose
+//! measurement failed carries the error in `note` and no samples, and the table says so.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The scenarios, in the issue's order, by the key `--only` takes.
+pub const KEYS: &[&str] = &["csr", "rotation", "leader-loss", "footprint", "api-cost", "scale"];
+
+/// Runs one scenario; a scenario that is not built yet says so in a row of its own.
+pub async fn run(key: &str) -> Vec<Row> {
+    let n = KEYS.iter().position(|k| *k == key).map(|i| i as u8 + 1).unwrap_or(0);
+    vec![Row::failed(n, key, key, "this scenario is not built yet")]
+}
+
+/// The kind cluster's Kubernetes version (the API tier runs the same binaries).
+pub async fn kubernetes_version() -> String {
+    match crate::kind::client().await.apiserver_version().await {
+        Ok(v) => v.git_version,
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// One side of a row: a label and its samples, in `Row::unit`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Series {
+    pub label: String,
+    pub samples: Vec<f64>,
+}
+
+impl Series {
+    pub fn new(label: impl Into<String>, samples: Vec<f64>) -> Self {
+        Series { label: label.into(), samples }
+    }
+    fn sorted(&self) -> Vec<f64> {
+        let mut s: Vec<f64> = self.samples.iter().copied().filter(|x| x.is_finite()).collect();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s
+    }
+    /// The `q` quantile (0..=1), nearest rank; None without samples.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let s = self.sorted();
+        if s.is_empty() {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * s.len() as f64).ceil() as usize;
+        Some(s[rank.clamp(1, s.len()) - 1])
+    }
+    pub fn median(&self) -> Option<f64> {
+        self.quantile(0.5)
+    }
+    /// The largest sample (for costs and latencies the worst one).
+    pub fn worst(&self) -> Option<f64> {
+        self.sorted().last().copied()
+    }
+}
+
+/// How a row summarises its series.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Summary {
+    /// median and worst (repetitions of a scenario)
+    MedianWorst,
+    /// p50 and p99 (many requests)
+    P50P99,
+    /// one figure per sample, printed as they are (a curve: N = 3, 10, 50)
+    Each,
+}
+
+/// One line of the table: a measure of one scenario, ours next to the baseline.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    /// The issue's numbering: 1 CSR latency ... 6 scale.
+    pub scenario: u8,
+    /// The scenario's key (`--only`): csr, rotation, leader-loss, footprint, api-cost, scale.
+    pub key: String,
+    pub measure: String,
+    /// s, ms, MiB, req/min, CPU s/h ...
+    pub unit: String,
+    pub summary: Summary,
+    pub ours: Series,
+    pub baseline: Option<Series>,
+    /// The goal as the issue states it, e.g. "p99 <= 200 ms".
+    pub goal: Option<String>,
+    /// Whether the goal was met, when it has one and ours has samples.
+    pub goal_met: Option<bool>,
+    /// How it was measured, or why it has no figure.
+    pub note: String,
+}
+
+impl Row {
+    pub fn new(scenario: u8, key: &str, measure: &str, unit: &str, summary: Summary, ours: Series) -> Self {
+        Row {
+            scenario,
+            key: key.into(),
+            measure: measure.into(),
+            unit: unit.into(),
+            summary,
+            ours,
+            baseline: None,
+            goal: None,
+            goal_met: None,
+            note: String::new(),
+        }
+    }
+    pub fn baseline(mut self, s: Series) -> Self {
+        self.baseline = Some(s);
+        self
+    }
+    /// A goal and the test of it on ours' summary (median or p99: `check` gets the row).
+    pub fn goal(mut self, goal: &str, check: impl Fn(&Row) -> Option<bool>) -> Self {
+        self.goal = Some(goal.into());
+        self.goal_met = check(&self);
+        self
+    }
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+    /// A row whose measurement failed: no samples, the error as its note.
+    pub fn failed(scenario: u8, key: &str, measure: &str, err: impl std::fmt::Display) -> Self {
+        Row::new(scenario, key, measure, "", Summary::MedianWorst, Series::default()).note(format!("NOT MEASURED: {err}"))
+    }
+    /// The figure cell for one series.
+    pub fn cell(&self, s: &Series) -> String {
+        let f = |x: Option<f64>| x.map(fmt_num).unwrap_or_else(|| "—".into());
+        if s.samples.is_empty() {
+            return format!("{}: no figure", s.label);
+        }
+        match self.summary {
+            Summary::MedianWorst => format!("{}: {} / {} (n={})", s.label, f(s.median()), f(s.worst()), s.samples.len()),
+            Summary::P50P99 => format!("{}: p50 {} / p99 {} (n={})", s.label, f(s.quantile(0.5)), f(s.quantile(0.99)), s.samples.len()),
+            Summary::Each => format!("{}: {}", s.label, s.samples.iter().map(|v| fmt_num(*v)).collect::<Vec<_>>().join(" / ")),
+        }
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Where and when it was measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    pub date: String,
+    pub host: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub kubernetes: String,
+    pub commit: String,
+}
+
+impl Machine {
+    /// Reads /proc and `uname`; `kubernetes` and `commit` are the caller's.
+    pub fn here(kubernetes: &str, commit: &str) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model =
+            cpuinfo.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let kib: f64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|r| r.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+        let out = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd).args(args).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+        };
+        Machine {
+            date: out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+            host: out("hostname", &[]),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            memory_gib: (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            cpu_model,
+            kernel: out("uname", &["-r"]),
+            kubernetes: kubernetes.into(),
+            commit: commit.into(),
+        }
+    }
+}
+
+/// What `results.json` holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Results {
+    pub machine: Machine,
+    pub rows: Vec<Row>,
+}
+
+impl Results {
+    /// Replaces the rows of the scenarios in `fresh` (by key) and keeps the others: a run of
+    /// some scenarios (`--only`) updates its rows of an earlier full run.
+    pub fn merge(&mut self, machine: Machine, fresh: Vec<Row>) {
+        let keys: Vec<&str> = fresh.iter().map(|r| r.key.as_str()).collect();
+        self.rows.retain(|r| !keys.contains(&r.key.as_str()));
+        self.rows.extend(fresh);
+        self.rows.sort_by_key(|r| r.scenario);
+        self.machine = machine;
+    }
+
+    /// The table, with the machine, versions and date.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::from("# Benchmark results\n\n");
+        s += "Written by `bash e2e/run.sh bench` (`e2e/src/bench/`); do not edit by hand.\n\n";
+        s += &format!(
+            "Measured {} on `{}`: {} CPUs ({}), {} GiB, Linux {}; Kubernetes {}; commit {}.\n\n",
+            m.date, m.host, m.cpus, m.cpu_model, m.memory_gib, m.kernel, m.kubernetes, m.commit
+        );
+        s += "Figures are median / worst of the repetitions (n), or p50 / p99 for request latencies.\n\n";
+        s += "| # | measure | unit | ours | baseline | goal | met |\n|---|---|---|---|---|---|---|\n";
+        for r in &self.rows {
+            let base = r.baseline.as_ref().map(|b| r.cell(b)).unwrap_or_else(|| "—".into());
+            let met = match r.goal_met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None if r.goal.is_some() => "not measured",
+                None => "—",
+            };
+            s +=
+                &format!("| {} | {} | {} | {} | {} | {} | {} |\n", r.scenario, r.measure, r.unit, r.cell(&r.ours), base, r.goal.as_deref().unwrap_or("—"), met);
+        }
+        let notes: BTreeMap<String, &str> =
+            self.rows.iter().filter(|r| !r.note.is_empty()).map(|r| (format!("{} {}", r.scenario, r.measure), r.note.as_str())).collect();
+        if !notes.is_empty() {
+            s += "\n## How each row was measured\n\n";
+            for (k, n) in notes {
+                s += &format!("- **{k}**: {n}\n");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let s = Series::new("x", (1..=100).map(f64::from).collect());
+        assert_eq!(s.quantile(0.5), Some(50.0));
+        assert_eq!(s.quantile(0.99), Some(99.0));
+        assert_eq!(s.worst(), Some(100.0));
+        let one = Series::new("x", vec![7.0]);
+        assert_eq!((one.median(), one.quantile(0.99), one.worst()), (Some(7.0), Some(7.0), Some(7.0)));
+        assert_eq!(Series::new("x", vec![3.0, 1.0, 2.0, 10.0, 4.0]).median(), Some(3.0));
+        assert_eq!(Series::default().median(), None);
+    }
+
+    #[test]
+    fn goals_and_cells() {
+        let r = Row::new(1, "csr", "issuance", "ms", Summary::P50P99, Series::new("ours", vec![10.0, 20.0, 300.0]))
+            .baseline(Series::new("kcm", vec![5.0]))
+            .goal("p99 <= 200 ms", |r| r.ours.quantile(0.99).map(|v| v <= 200.0));
+        assert_eq!(r.goal_met, Some(false));
+        assert_eq!(r.cell(&r.ours), "ours: p50 20.0 / p99 300 (n=3)");
+        let empty = Row::failed(2, "rotation", "leaderless", "cluster gone");
+        assert_eq!(empty.cell(&empty.ours), ": no figure");
+        assert!(empty.note.starts_with("NOT MEASURED"));
+    }
+
+    #[test]
+    fn merge_replaces_only_the_rerun_scenarios() {
+        let row = |n: u8, key: &str, v: f64| Row::new(n, key, "m", "s", Summary::MedianWorst, Series::new("ours", vec![v]));
+        let mut res = Results { machine: Machine::default(), rows: vec![row(1, "csr", 1.0), row(3, "leader-loss", 3.0)] };
+        res.merge(Machine::default(), vec![row(3, "leader-loss", 4.0), row(2, "rotation", 2.0)]);
+        let got: Vec<(u8, f64)> = res.rows.iter().map(|r| (r.scenario, r.ours.samples[0])).collect();
+        assert_eq!(got, vec![(1, 1.0), (2, 2.0), (3, 4.0)]);
+        let md = res.markdown();
+        assert!(md.contains("| 2 | m | s | ours: 2.00 / 2.00 (n=1) | — | — | — |"), "{md}");
+    }
+}

@@ -1,0 +1,65 @@
+//! `bash e2e/run.sh bench`: runs the benchmark scenarios (all, or `--only csr,scale`) and
+//! writes `e2e/bench/results.json` and `e2e/bench/RESULTS.md`; prints the table. The kind
+//! scenarios use the cluster `bash e2e/run.sh up` made (KUBECONFIG); the API-tier ones start
+//! their own etcd and kube-apiserver.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use e2e::bench::{self, Machine, Results, Row};
+
+fn main() -> anyhow::Result<()> {
+    let mut only: Option<Vec<String>> = None;
+    let mut out = PathBuf::from("e2e/bench");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--only" => only = Some(args.next().unwrap_or_default().split(',').map(str::to_string).collect()),
+            "--out" => out = PathBuf::from(args.next().unwrap_or_default()),
+            _ => anyhow::bail!("usage: bench [--only key,key] [--out DIR]; keys: {}", bench::KEYS.join(",")),
+        }
+    }
+    let keys: Vec<&str> = bench::KEYS.iter().copied().filter(|k| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k))).collect();
+    if let Some(o) = &only {
+        if let Some(bad) = o.iter().find(|x| !bench::KEYS.contains(&x.as_str())) {
+            anyhow::bail!("unknown scenario {bad:?}; keys: {}", bench::KEYS.join(","));
+        }
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let t0 = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    for key in &keys {
+        let t = Instant::now();
+        eprintln!("[bench +{:.0}s] == {key}", t0.elapsed().as_secs_f64());
+        let got = rt.block_on(bench::run(key));
+        for r in &got {
+            let base = r.baseline.as_ref().map(|b| format!("  vs  {}", r.cell(b))).unwrap_or_default();
+            eprintln!(
+                "[bench] {} {} [{}]: {}{base}{}",
+                r.scenario,
+                r.measure,
+                r.unit,
+                r.cell(&r.ours),
+                if r.note.starts_with("NOT") { format!("  ({})", r.note) } else { String::new() }
+            );
+        }
+        eprintln!("[bench +{:.0}s] == {key}: {} rows in {:.0}s", t0.elapsed().as_secs_f64(), got.len(), t.elapsed().as_secs_f64());
+        rows.extend(got);
+    }
+    std::fs::create_dir_all(&out)?;
+    let json = out.join("results.json");
+    let mut res: Results = std::fs::read(&json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    res.merge(Machine::here(&rt.block_on(bench::kubernetes_version()), &commit), rows);
+    std::fs::write(&json, serde_json::to_string_pretty(&res)?)?;
+    let md = res.markdown();
+    std::fs::write(out.join("RESULTS.md"), &md)?;
+    println!("{md}");
+    eprintln!("[bench] wrote {} and RESULTS.md in {:.0}s", json.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
