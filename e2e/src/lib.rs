@@ -5,5 +5,6 @@
 pub mod apitier;
 pub mod bench;
 pub mod kind;
+pub mod leadership;
 
 pub use apitier::{bound_sa_token, whoami, ApiServer, ApiServerOptions};

@@ -1,0 +1,358 @@
+//! kcm's leadership as seen from outside, shared by the kind tests and the benchmarks: kcm's
+//! Lease read at about 20 Hz on a thread of its own, and each master's kcm MainPID read inside
+//! the node at about 10 Hz; from both, the intervals "without a working leader" (no holder, an
+//! expired Lease, or a holder whose kcm process is gone) and the holder changes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kcm_operator::api::KCM_LEASE;
+use kcm_operator::rollout::leader_node;
+use kube::api::Api;
+
+use crate::kind::{client, now_secs, on_node};
+
+/// How often the Lease watcher reads kcm's Lease.
+pub const LEASE_PERIOD: Duration = Duration::from_millis(50);
+/// The MainPID watchers stop by themselves after this long, should their owner not stop them.
+pub const WATCH_MAX_SECS: u64 = 3 * 3600;
+
+/// One read of kcm's Lease.
+#[derive(Clone, Debug)]
+pub struct LeaseSample {
+    /// When it was read (the middle of the request), seconds since the epoch.
+    pub t: f64,
+    /// Full holder identity; None when empty (a released Lease) or no Lease.
+    pub holder: Option<String>,
+    pub renew: Option<f64>,
+    pub acquire: Option<f64>,
+    pub duration: f64,
+}
+
+impl LeaseSample {
+    pub fn expires(&self) -> Option<f64> {
+        self.renew.map(|r| r + self.duration)
+    }
+    pub fn live(&self, at: f64) -> bool {
+        self.holder.is_some() && self.expires().is_some_and(|e| at <= e)
+    }
+}
+
+/// A master's kcm MainPID over time: its changes (0 while the unit has no process).
+#[derive(Clone, Debug, Default)]
+pub struct PidTrack {
+    pub changes: Vec<(f64, u32)>,
+    /// When the watcher last read it.
+    pub last_seen: f64,
+}
+
+impl PidTrack {
+    pub fn at(&self, t: f64) -> Option<u32> {
+        self.changes.iter().rev().find(|(ct, _)| *ct <= t).map(|(_, p)| *p)
+    }
+    /// Every new kcm process in (from, to]: a non-zero MainPID unlike the last non-zero one.
+    pub fn restarts(&self, from: f64, to: f64) -> Vec<(f64, u32)> {
+        let mut last = self.changes.iter().rev().find(|(t, p)| *t <= from && *p != 0).map(|(_, p)| *p);
+        let mut out = Vec::new();
+        for (t, p) in self.changes.iter().filter(|(t, _)| *t > from && *t <= to) {
+            if *p != 0 && Some(*p) != last {
+                out.push((*t, *p));
+                last = Some(*p);
+            }
+        }
+        out
+    }
+    /// The first moment after `from` the MainPID differed from what it was then (a stop or a new process).
+    pub fn first_change(&self, from: f64) -> Option<f64> {
+        let p0 = self.at(from);
+        self.changes.iter().find(|(t, p)| *t > from && Some(*p) != p0).map(|(t, _)| *t)
+    }
+    /// Any change at all in (from, to].
+    pub fn changes_between(&self, from: f64, to: f64) -> Vec<(f64, u32)> {
+        self.changes.iter().filter(|(t, _)| *t > from && *t <= to).copied().collect()
+    }
+}
+
+/// The Lease watcher (its own thread and runtime, so that nothing the test does blocks it)
+/// and one MainPID watcher per master (a loop inside the node container, read line by line).
+pub struct Watch {
+    pub stop: Arc<AtomicBool>,
+    pub lease: Arc<Mutex<Vec<LeaseSample>>>,
+    pub lease_errors: Arc<Mutex<Vec<(f64, String)>>>,
+    pub pids: Arc<Mutex<BTreeMap<String, PidTrack>>>,
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub children: Vec<Child>,
+    pub nodes: Vec<String>,
+    pub pidfile: String,
+}
+
+impl Watch {
+    pub fn start(nodes: &[String]) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let lease = Arc::new(Mutex::new(Vec::new()));
+        let lease_errors = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut threads = Vec::new();
+        let (s, l, e) = (stop.clone(), lease.clone(), lease_errors.clone());
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("Lease watcher runtime");
+            rt.block_on(async move {
+                let c = client().await;
+                let api = Api::<Lease>::namespaced(c, KCM_LEASE.0);
+                while !s.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let a = now_secs();
+                    let r = tokio::time::timeout(Duration::from_secs(1), api.get_opt(KCM_LEASE.1)).await;
+                    let t = (a + now_secs()) / 2.0;
+                    match r {
+                        Ok(Ok(found)) => {
+                            let spec = found.and_then(|l| l.spec).unwrap_or_default();
+                            let secs = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime| m.0.as_millisecond() as f64 / 1000.0;
+                            l.lock().unwrap().push(LeaseSample {
+                                t,
+                                holder: spec.holder_identity.filter(|h| !h.is_empty()),
+                                renew: spec.renew_time.as_ref().map(secs),
+                                acquire: spec.acquire_time.as_ref().map(secs),
+                                duration: spec.lease_duration_seconds.unwrap_or(0) as f64,
+                            });
+                        }
+                        Ok(Err(err)) => e.lock().unwrap().push((t, err.to_string())),
+                        Err(_) => e.lock().unwrap().push((t, "no answer within 1s".into())),
+                    }
+                    if let Some(rest) = LEASE_PERIOD.checked_sub(t0.elapsed()) {
+                        tokio::time::sleep(rest).await;
+                    }
+                }
+            });
+        }));
+        let pidfile = format!("/run/kcm-e2e-leadership-watch.{}", std::process::id());
+        let mut children = Vec::new();
+        for n in nodes {
+            // Ends by itself after WATCH_MAX_SECS, or when its output is gone; Drop kills it by
+            // the PID it wrote.
+            let script = format!(
+                "echo $$ > {pidfile}; end=$(( $(date +%s) + {WATCH_MAX_SECS} )); while [ $(date +%s) -lt $end ]; do echo \"$(systemctl show -p MainPID --value kube-controller-manager 2>/dev/null)\" || exit 0; sleep 0.1; done"
+            );
+            let mut child = Command::new("docker")
+                .args(["exec", n, "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("docker exec {n} (MainPID watcher): {e}"));
+            let out = child.stdout.take().expect("watcher stdout");
+            let (pids, name) = (pids.clone(), n.clone());
+            threads.push(std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let t = now_secs();
+                    let Ok(pid) = line.trim().parse::<u32>() else { continue };
+                    let mut g = pids.lock().unwrap();
+                    let tr: &mut PidTrack = g.entry(name.clone()).or_default();
+                    tr.last_seen = t;
+                    if tr.changes.last().map(|c| c.1) != Some(pid) {
+                        tr.changes.push((t, pid));
+                    }
+                }
+            }));
+            children.push(child);
+        }
+        Watch { stop, lease, lease_errors, pids, threads, children, nodes: nodes.to_vec(), pidfile }
+    }
+
+    pub fn lease_all(&self) -> Vec<LeaseSample> {
+        self.lease.lock().unwrap().clone()
+    }
+    pub fn lease_since(&self, from: f64) -> Vec<LeaseSample> {
+        let g = self.lease.lock().unwrap();
+        let i = g.partition_point(|s| s.t < from);
+        g[i..].to_vec()
+    }
+    pub fn latest(&self) -> Option<LeaseSample> {
+        self.lease.lock().unwrap().last().cloned()
+    }
+    pub fn pid_track(&self, node: &str) -> PidTrack {
+        self.pids.lock().unwrap().get(node).cloned().unwrap_or_default()
+    }
+    pub fn pid_tracks(&self) -> BTreeMap<String, PidTrack> {
+        self.pids.lock().unwrap().clone()
+    }
+    pub fn lease_errors(&self, from: f64, to: f64) -> Vec<(f64, String)> {
+        self.lease_errors.lock().unwrap().iter().filter(|(t, _)| *t >= from && *t <= to).cloned().collect()
+    }
+    /// Panics unless every MainPID watcher read its master within the last 3 s.
+    pub fn assert_fresh(&self, what: &str) {
+        let now = now_secs();
+        for n in &self.nodes {
+            let tr = self.pid_track(n);
+            assert!(now - tr.last_seen < 3.0, "{what}: the MainPID watcher on {n} last read {:.1}s ago: the PID figures would be blind", now - tr.last_seen);
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for n in &self.nodes {
+            let _ = on_node(n, &format!("if [ -s {f} ]; then kill $(cat {f}) 2>/dev/null; rm -f {f}; fi", f = self.pidfile));
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The live holder's master just before `t`.
+pub fn leader_before(lease: &[LeaseSample], t: f64) -> Option<String> {
+    lease.iter().rev().filter(|s| s.t < t).find(|s| s.live(s.t)).and_then(|s| leader_node(s.holder.as_deref()))
+}
+
+/// Intervals within [from, to] without a working leader: no holder (released, or no Lease),
+/// an expired Lease, or, when `process` is set, a holder whose kcm process is gone (the
+/// MainPID on its master when the identity first appeared no longer runs). Each as
+/// (start, end, why). Starts and ends are refined by the Lease's own times where it tells
+/// more than the sampling (an expiry instant, the new holder's renewTime).
+pub fn leaderless(lease: &[LeaseSample], pids: &BTreeMap<String, PidTrack>, from: f64, to: f64, process: bool) -> Vec<(f64, f64, String)> {
+    let mut first_seen: BTreeMap<&str, f64> = BTreeMap::new();
+    for s in lease {
+        if let Some(h) = s.holder.as_deref() {
+            first_seen.entry(h).or_insert(s.t);
+        }
+    }
+    let holder_pid = |h: &str| -> Option<(String, u32)> {
+        let node = leader_node(Some(h))?;
+        let tr = pids.get(&node)?;
+        // An identity seen before the MainPID watcher's first read: the first PID it read.
+        let pid = tr.at(*first_seen.get(h)?).or_else(|| tr.changes.first().map(|c| c.1))?;
+        (pid != 0).then_some((node, pid))
+    };
+    // (time, is a Lease sample)
+    let mut instants: Vec<(f64, bool)> = vec![(from, false)];
+    for s in lease.iter().filter(|s| s.t >= from - 30.0 && s.t <= to) {
+        if s.t >= from {
+            instants.push((s.t, true));
+        }
+        // Just past the expiry (the Lease is live up to and including it).
+        if let Some(e) = s.expires().map(|e| e + 1e-3).filter(|e| *e >= from && *e <= to) {
+            instants.push((e, false));
+        }
+    }
+    if process {
+        for tr in pids.values() {
+            instants.extend(tr.changes.iter().filter(|(t, _)| *t >= from && *t <= to).map(|(t, _)| (*t, false)));
+        }
+    }
+    instants.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let sample_at = |t: f64| -> Option<&LeaseSample> {
+        let i = lease.partition_point(|s| s.t <= t);
+        (i > 0).then(|| &lease[i - 1])
+    };
+    let working = |t: f64| -> Result<(), String> {
+        let Some(s) = sample_at(t) else { return Err("no Lease read yet".into()) };
+        let Some(h) = s.holder.as_deref() else { return Err("no holder (released or no Lease)".into()) };
+        if !s.live(t) {
+            return Err(format!("Lease of {h} expired"));
+        }
+        if process {
+            if let Some((node, pid)) = holder_pid(h) {
+                if pids.get(&node).and_then(|tr| tr.at(t)) != Some(pid) {
+                    return Err(format!("{h} still named, its kcm (PID {pid} on {node}) gone"));
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut out = Vec::new();
+    let mut down: Option<(f64, String)> = None;
+    let mut prev_t = from;
+    for (t, is_sample) in instants {
+        match (working(t), down.take()) {
+            (Err(why), None) => {
+                // A released Lease was released after the previous instant: count from there.
+                let start = if is_sample && why.starts_with("no holder") { prev_t } else { t };
+                down = Some((start.max(from), why));
+            }
+            (Err(_), Some(d)) => down = Some(d),
+            (Ok(()), Some((start, why))) => {
+                let end = if is_sample { sample_at(t).and_then(|s| s.renew).map_or(t, |r| r.max(start).min(t)) } else { t };
+                out.push((start, end, why));
+            }
+            (Ok(()), None) => {}
+        }
+        prev_t = t;
+    }
+    if let Some((start, why)) = down {
+        out.push((start, to, format!("{why} (still at the end of the phase)")));
+    }
+    out
+}
+
+/// The sequence of distinct holders in [from, to], starting with the one at `from`.
+pub fn holder_sequence(lease: &[LeaseSample], from: f64, to: f64) -> Vec<(f64, String)> {
+    let mut last = lease.iter().rev().filter(|s| s.t <= from).find_map(|s| s.holder.clone());
+    let mut seq: Vec<(f64, String)> = last.iter().map(|h| (from, h.clone())).collect();
+    for s in lease.iter().filter(|s| s.t > from && s.t <= to) {
+        if let Some(h) = &s.holder {
+            if Some(h) != last.as_ref() {
+                seq.push((s.t, h.clone()));
+                last = Some(h.clone());
+            }
+        }
+    }
+    seq
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UnitFacts {
+    pub main_pid: u32,
+    pub n_restarts: u32,
+}
+
+pub fn unit_facts(node: &str) -> UnitFacts {
+    let (_, out) = on_node(node, "systemctl show -p MainPID -p NRestarts kube-controller-manager");
+    let mut f = UnitFacts::default();
+    for line in out.lines() {
+        match line.trim().split_once('=') {
+            Some(("MainPID", v)) => f.main_pid = v.parse().unwrap_or(0),
+            Some(("NRestarts", v)) => f.n_restarts = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    f
+}
+
+pub fn unit_facts_all(masters: &[String]) -> BTreeMap<String, UnitFacts> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = masters.iter().map(|m| (m.clone(), s.spawn(move || unit_facts(m)))).collect();
+        hs.into_iter().map(|(m, h)| (m, h.join().expect("systemctl show thread"))).collect()
+    })
+}
+
+/// The first Lease read after `after` with a live holder other than `old`.
+pub async fn wait_new_holder(w: &Watch, after: f64, old: Option<&str>, within: Duration) -> Option<LeaseSample> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = w.lease_since(after).into_iter().find(|s| s.holder.is_some() && s.holder.as_deref() != old && s.live(s.t)) {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// When the new holder took the Lease: its acquireTime (written by kcm, same host clock) when
+/// it lies between `after` and the read that showed it, else that read.
+pub fn acquired_at(s: &LeaseSample, after: f64) -> f64 {
+    s.acquire.filter(|a| *a >= after && *a <= s.t).unwrap_or(s.t)
+}
