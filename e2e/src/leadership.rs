@@ -15,10 +15,14 @@ use kcm_operator::api::KCM_LEASE;
 use kcm_operator::rollout::leader_node;
 use kube::api::Api;
 
-use crate::kind::{client, now_secs, on_node};
+use kcm_operator::api::CR_NAME;
+
+use crate::kind::{client, kubectl, now_secs, on_node};
 
 /// How often the Lease watcher reads kcm's Lease.
 pub const LEASE_PERIOD: Duration = Duration::from_millis(50);
+/// Where the planted fake kcm lives in a node container (argv0 basename kube-controller-manager).
+pub const FAKE_DIR: &str = "/opt/kcm-e2e-fence"; // not /tmp: noexec on kind nodes
 /// The MainPID watchers stop by themselves after this long, should their owner not stop them.
 pub const WATCH_MAX_SECS: u64 = 3 * 3600;
 
@@ -355,4 +359,87 @@ pub async fn wait_new_holder(w: &Watch, after: f64, old: Option<&str>, within: D
 /// it lies between `after` and the read that showed it, else that read.
 pub fn acquired_at(s: &LeaseSample, after: f64) -> f64 {
     s.acquire.filter(|a| *a >= after && *a <= s.t).unwrap_or(s.t)
+}
+
+/// Applies a merge patch to the CR when dropped armed (on a panic): puts back what the test
+/// changed (spec.certificate, spec.paused).
+pub struct PatchGuard {
+    pub patch: Option<serde_json::Value>,
+}
+
+impl PatchGuard {
+    pub fn arm(&mut self, patch: serde_json::Value) {
+        self.patch = Some(patch);
+    }
+    pub fn disarm(&mut self) {
+        self.patch = None;
+    }
+}
+
+impl Drop for PatchGuard {
+    fn drop(&mut self) {
+        let Some(p) = self.patch.take() else { return };
+        let p = p.to_string();
+        let (ok, out) = kubectl(&["patch", "kubecontrollermanager", CR_NAME, "--type", "merge", "-p", &p]);
+        eprintln!("restoring the CR after a failure ({p}): {}", if ok { "done".to_string() } else { out });
+    }
+}
+
+/// Fake kcm processes planted in node containers; killed (by their PID) when dropped.
+#[derive(Default)]
+pub struct Planted {
+    procs: Vec<(String, u32)>,
+}
+
+pub fn fake_path() -> String {
+    format!("{FAKE_DIR}/kube-controller-manager")
+}
+
+impl Planted {
+    /// Starts `sleep 600` as /tmp/fence/kube-controller-manager on `node`; returns its PID.
+    pub fn plant(&mut self, node: &str) -> u32 {
+        let fake = fake_path();
+        let script = format!(
+            "set -e; rm -rf {FAKE_DIR}; mkdir -p {FAKE_DIR}; cp /bin/sleep {fake}; \
+             (setsid sh -c 'echo $$ > {FAKE_DIR}/pid; exec {fake} 600' >/dev/null 2>&1 &); \
+             i=0; while [ ! -s {FAKE_DIR}/pid ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; cat {FAKE_DIR}/pid"
+        );
+        let (ok, out) = on_node(node, &script);
+        assert!(ok, "planting a fake kube-controller-manager on {node}: {out}");
+        let pid: u32 = out.trim().lines().last().unwrap_or("").trim().parse().unwrap_or_else(|_| panic!("PID of the fake kcm on {node}: {out:?}"));
+        self.procs.push((node.to_string(), pid));
+        // `sh` wrote its PID, then execs the fake: wait until the PID runs it.
+        let argv0 = format!("tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1");
+        let t0 = Instant::now();
+        loop {
+            if on_node(node, &argv0).1.trim() == fake {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "the fake kcm (PID {pid}) on {node} does not run {fake}: {:?}", on_node(node, &argv0).1);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pid
+    }
+
+    /// Kills every planted process (only a PID that still runs the fake) and removes the files.
+    pub fn remove_all(&mut self) {
+        let fake = fake_path();
+        for (node, pid) in self.procs.drain(..) {
+            let script = format!(
+                "if [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" = {fake} ]; then kill -9 {pid}; fi; \
+                 i=0; while [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" = {fake} ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done; \
+                 rm -rf {FAKE_DIR}; [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" != {fake} ]"
+            );
+            let (ok, out) = on_node(&node, &script);
+            if !ok {
+                eprintln!("the fake kcm (PID {pid}) on {node} may still run: {out}");
+            }
+        }
+    }
+}
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
 }

@@ -34,7 +34,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use e2e::kind::{all_healthy, client, cr, diagnostics, kubectl, masters, now_secs, on_node, probe_deployment, report_fresh, rfc3339_secs};
-use e2e::leadership::{acquired_at, holder_sequence, leader_before, leaderless, unit_facts_all, wait_new_holder, LeaseSample, UnitFacts, Watch};
+use e2e::leadership::{
+    acquired_at, holder_sequence, leader_before, leaderless, unit_facts_all, wait_new_holder, LeaseSample, PatchGuard, Planted, UnitFacts, Watch,
+};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kcm_operator::api::CR_NAME;
@@ -62,8 +64,6 @@ const DRILL_MINUTES: u32 = 10;
 const DRILL_PERCENT: u8 = 90;
 /// The seed's command on every master, run over ssh in its `for master_ip in ...` loop.
 const SEED_RESTART: &str = "systemctl daemon-reload && systemctl enable kube-controller-manager && systemctl restart kube-controller-manager";
-/// Where the planted fake kcm lives in a node container (argv0 basename kube-controller-manager).
-const FAKE_DIR: &str = "/opt/kcm-e2e-fence"; // not /tmp: noexec on kind nodes
 
 fn restore_patch() -> serde_json::Value {
     serde_json::json!({"spec": {"certificate": {"validityMinutes": null, "renewWhenRemainingPercent": 20, "kubeconfigMode": "Referenced"}}})
@@ -129,89 +129,6 @@ fn phase_figures(w: &Watch, t_test: f64, name: &str, from: f64, to: f64, before:
 }
 
 // ---------------------------------------------------------------- guards
-
-/// Applies a merge patch to the CR when dropped armed (on a panic): puts back what the test
-/// changed (spec.certificate, spec.paused).
-struct PatchGuard {
-    patch: Option<serde_json::Value>,
-}
-
-impl PatchGuard {
-    fn arm(&mut self, patch: serde_json::Value) {
-        self.patch = Some(patch);
-    }
-    fn disarm(&mut self) {
-        self.patch = None;
-    }
-}
-
-impl Drop for PatchGuard {
-    fn drop(&mut self) {
-        let Some(p) = self.patch.take() else { return };
-        let p = p.to_string();
-        let (ok, out) = kubectl(&["patch", "kubecontrollermanager", CR_NAME, "--type", "merge", "-p", &p]);
-        eprintln!("kind_rotation: restoring the CR after a failure ({p}): {}", if ok { "done".to_string() } else { out });
-    }
-}
-
-/// Fake kcm processes planted in node containers; killed (by their PID) when dropped.
-#[derive(Default)]
-struct Planted {
-    procs: Vec<(String, u32)>,
-}
-
-fn fake_path() -> String {
-    format!("{FAKE_DIR}/kube-controller-manager")
-}
-
-impl Planted {
-    /// Starts `sleep 600` as /tmp/fence/kube-controller-manager on `node`; returns its PID.
-    fn plant(&mut self, node: &str) -> u32 {
-        let fake = fake_path();
-        let script = format!(
-            "set -e; rm -rf {FAKE_DIR}; mkdir -p {FAKE_DIR}; cp /bin/sleep {fake}; \
-             (setsid sh -c 'echo $$ > {FAKE_DIR}/pid; exec {fake} 600' >/dev/null 2>&1 &); \
-             i=0; while [ ! -s {FAKE_DIR}/pid ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; cat {FAKE_DIR}/pid"
-        );
-        let (ok, out) = on_node(node, &script);
-        assert!(ok, "planting a fake kube-controller-manager on {node}: {out}");
-        let pid: u32 = out.trim().lines().last().unwrap_or("").trim().parse().unwrap_or_else(|_| panic!("PID of the fake kcm on {node}: {out:?}"));
-        self.procs.push((node.to_string(), pid));
-        // `sh` wrote its PID, then execs the fake: wait until the PID runs it.
-        let argv0 = format!("tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1");
-        let t0 = Instant::now();
-        loop {
-            if on_node(node, &argv0).1.trim() == fake {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(5), "the fake kcm (PID {pid}) on {node} does not run {fake}: {:?}", on_node(node, &argv0).1);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        pid
-    }
-
-    /// Kills every planted process (only a PID that still runs the fake) and removes the files.
-    fn remove_all(&mut self) {
-        let fake = fake_path();
-        for (node, pid) in self.procs.drain(..) {
-            let script = format!(
-                "if [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" = {fake} ]; then kill -9 {pid}; fi; \
-                 i=0; while [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" = {fake} ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done; \
-                 rm -rf {FAKE_DIR}; [ \"$(tr '\\0' '\\n' < /proc/{pid}/cmdline 2>/dev/null | head -n1)\" != {fake} ]"
-            );
-            let (ok, out) = on_node(&node, &script);
-            if !ok {
-                eprintln!("kind_rotation: the fake kcm (PID {pid}) on {node} may still run: {out}");
-            }
-        }
-    }
-}
-
-impl Drop for Planted {
-    fn drop(&mut self) {
-        self.remove_all();
-    }
-}
 
 /// Deletes the namespace when dropped.
 struct NamespaceGuard(String);
