@@ -284,3 +284,53 @@ pub fn probe_deployment() -> k8s_openapi::api::apps::v1::Deployment {
     }))
     .expect("a valid Deployment")
 }
+
+/// What kcm_operator::apicount logs once a minute, before the rates.
+pub const RATES_PREFIX: &str = "api requests/min: ";
+
+/// (verb, resource, requests per minute)
+pub type Rate = (String, String, f64);
+
+/// The rates of one `api requests/min: GET leases=30 PATCH kcmnodes/status=6 total=36 who=...`
+/// line (the text after the prefix, up to ` who=`), and that text; None for other lines.
+pub fn parse_rates(line: &str) -> Option<(String, Vec<Rate>)> {
+    let body = line.split(RATES_PREFIX).nth(1)?.split(" who=").next()?.trim().to_string();
+    let mut rates = Vec::new();
+    let mut verb = String::new();
+    for w in body.split_whitespace() {
+        match w.split_once('=') {
+            Some(("total", _)) => {}
+            Some((resource, n)) => rates.push((verb.clone(), resource.to_string(), n.parse().unwrap_or(f64::NAN))),
+            None => verb = w.to_string(),
+        }
+    }
+    Some((body, rates))
+}
+
+/// Every rate line a pod of the operator's namespace logged in the last `since` (`65s`), oldest first.
+pub fn rate_lines(pod: &str, since: &str) -> Result<Vec<(String, Vec<Rate>)>, String> {
+    let (ok, out) = kubectl(&["-n", kcm_operator::api::NAMESPACE, "logs", pod, &format!("--since={since}")]);
+    if !ok {
+        return Err(format!("logs of {pod}: {out}"));
+    }
+    Ok(out.lines().filter_map(parse_rates).collect())
+}
+
+/// The last rate line a pod logged in the last `since`, and its rates.
+pub fn last_rates(pod: &str, since: &str) -> Option<(String, Vec<Rate>)> {
+    rate_lines(pod, since).unwrap_or_else(|e| panic!("{e}")).pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_lines_parse() {
+        let l = "2026-11-26T14:42:13Z  INFO kcm_operator::apicount: api requests/min: GET leases=30 PATCH kcmnodes/status=6 total=36 who=\"node-helper\"";
+        let (body, rates) = parse_rates(l).unwrap();
+        assert_eq!(body, "GET leases=30 PATCH kcmnodes/status=6 total=36");
+        assert_eq!(rates, vec![("GET".into(), "leases".into(), 30.0), ("PATCH".into(), "kcmnodes/status".into(), 6.0)]);
+        assert_eq!(parse_rates("INFO something else"), None);
+    }
+}

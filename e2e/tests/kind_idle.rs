@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use e2e::kind::{all_healthy, client, cr, diagnostics, kubectl, masters, now_secs, on_node, operator_lease};
+use e2e::kind::{all_healthy, client, cr, diagnostics, kubectl, last_rates, masters, now_secs, on_node, operator_lease, RATES_PREFIX};
 use kcm_operator::api::{HELPER_METRICS_PORT, NAMESPACE, OPERATOR_HEALTH_PORT};
 use kcm_operator::pki::CertInfo;
 
@@ -87,30 +87,6 @@ async fn metrics_match_the_masters() {
 }
 
 /// How a rate line looks: `api requests/min: GET leases=30 PATCH kcmnodes/status=6 total=36`.
-const PREFIX: &str = "api requests/min: ";
-
-/// (verb, resource, requests per minute)
-type Rate = (String, String, f64);
-
-/// The last rate line a pod logged in the last `since`, and its rates.
-fn last_rates(pod: &str, since: &str) -> Option<(String, Vec<Rate>)> {
-    let (ok, out) = kubectl(&["-n", NAMESPACE, "logs", pod, &format!("--since={since}")]);
-    assert!(ok, "logs of {pod}: {out}");
-    let line = out.lines().rev().find(|l| l.contains(PREFIX))?.to_string();
-    let body = line.split(PREFIX).nth(1)?.split(" who=").next()?.trim().to_string();
-    let mut rates = Vec::new();
-    let words: Vec<&str> = body.split_whitespace().collect();
-    let mut verb = String::new();
-    for w in words {
-        match w.split_once('=') {
-            Some(("total", _)) => {}
-            Some((resource, n)) => rates.push((verb.clone(), resource.to_string(), n.parse().unwrap_or(f64::NAN))),
-            None => verb = w.to_string(),
-        }
-    }
-    Some((body, rates))
-}
-
 #[tokio::test]
 async fn steady_state_costs_only_lease_reads() {
     let c = client().await;
@@ -149,7 +125,7 @@ async fn steady_state_costs_only_lease_reads() {
     assert_eq!(pods.len(), masters.len() + 1, "one helper per master: {pods:?}");
     println!("idle API cost, requests per minute from each client's own counters ({:.0}s of steady state):", now_secs() - since);
     for (who, pod) in &pods {
-        let (line, rates) = last_rates(pod, "65s").unwrap_or_else(|| panic!("{who}: no `{PREFIX}` line in the last 65 s of {pod}"));
+        let (line, rates) = last_rates(pod, "65s").unwrap_or_else(|| panic!("{who}: no `{RATES_PREFIX}` line in the last 65 s of {pod}"));
         println!("  {who}: {line}");
         let polled: Vec<String> =
             rates.iter().filter(|(v, r, n)| (v == "GET" || v == "LIST") && r != "leases" && *n > 0.0).map(|(v, r, n)| format!("{v} {r}={n}")).collect();
