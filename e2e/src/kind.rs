@@ -285,6 +285,15 @@ pub fn probe_deployment() -> k8s_openapi::api::apps::v1::Deployment {
     .expect("a valid Deployment")
 }
 
+/// A merge patch on the CR.
+pub async fn patch_cr(c: &kube::Client, patch: &serde_json::Value) -> Result<(), String> {
+    Api::<KubeControllerManager>::all(c.clone())
+        .patch(kcm_operator::api::CR_NAME, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("patching the CR with {patch}: {e}"))
+}
+
 /// What kcm_operator::apicount logs once a minute, before the rates.
 pub const RATES_PREFIX: &str = "api requests/min: ";
 

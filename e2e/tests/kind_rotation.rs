@@ -39,12 +39,11 @@ use e2e::leadership::{
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kcm_operator::api::CR_NAME;
-use kcm_operator::api::{KubeControllerManager, NodeStatus, REPORT_PERIOD_SECS, STALE_AFTER_SECS};
+use kcm_operator::api::{NodeStatus, REPORT_PERIOD_SECS, STALE_AFTER_SECS};
 use kcm_operator::pki::NodeIdentity;
 use kcm_operator::render::spec_revision;
 use kcm_operator::rollout::{leader_node, spec_part};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 
 const MIN_LEASE_RATE_HZ: f64 = 10.0;
 /// Leader crash: a new holder within this long after `kill -9`.
@@ -200,10 +199,7 @@ async fn wait_rolled_out(c: &kube::Client, masters: &[String], within: Duration,
 }
 
 async fn patch_cr(c: &kube::Client, patch: &serde_json::Value) {
-    Api::<KubeControllerManager>::all(c.clone())
-        .patch(CR_NAME, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap_or_else(|e| panic!("patching the CR with {patch}: {e}"));
+    e2e::kind::patch_cr(c, patch).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// How each master's kubeconfig carries the client certificate: (embedded data lines, referenced path lines).

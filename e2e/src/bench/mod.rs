@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod idle;
+pub mod leader_loss;
 
 /// The scenarios by the key `--only` takes, in the order a full run runs them: the idle
 /// figures first, while the cluster `up` made is quiet.
@@ -33,6 +34,7 @@ pub async fn run(key: &str) -> Vec<Row> {
     let task = tokio::spawn(async move {
         match k.as_str() {
             "idle" => idle::run().await,
+            "leader-loss" => leader_loss::run().await,
             _ => vec![Row::failed(number(&k), &k, &k, "this scenario is not built yet")],
         }
     });
