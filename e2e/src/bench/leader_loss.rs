@@ -48,21 +48,27 @@ async fn kill_leader(watch: &Watch) -> Result<(f64, f64), String> {
     Ok((took, gaps.iter().map(|(a, b, _)| b - a).sum()))
 }
 
+/// [`REPS`] kills, each once all is healthy again: (times to a new holder, times without a
+/// working leader), and when the last kill was.
+async fn kills(c: &kube::Client, masters: &[String], watch: &Watch, mut since: f64, who: &str) -> Result<((Vec<f64>, Vec<f64>), f64), String> {
+    let mut got = (Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        healthy(c, masters, since).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (took, gap) = kill_leader(watch).await?;
+        eprintln!("[bench] leader-loss {who}: new holder after {took:.2}s, {gap:.2}s without a working leader");
+        got.0.push(took);
+        got.1.push(gap);
+        since = now_secs();
+    }
+    Ok((got, since))
+}
+
 async fn measure() -> Result<Vec<Row>, String> {
     let c = client().await;
     let masters = masters(&c).await;
     let watch = Watch::start(&masters);
-    let mut ours = (Vec::new(), Vec::new());
-    let mut since = 0.0;
-    for _ in 0..REPS {
-        healthy(&c, &masters, since).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (took, gap) = kill_leader(&watch).await?;
-        eprintln!("[bench] leader-loss ours: new holder after {took:.2}s, {gap:.2}s without a working leader");
-        ours.0.push(took);
-        ours.1.push(gap);
-        since = now_secs();
-    }
+    let (ours, since) = kills(&c, &masters, &watch, 0.0, "ours").await?;
     healthy(&c, &masters, since).await?;
 
     // Plain kcm: paused (no repair step) and a fake kcm on every master (no fence release).
@@ -73,16 +79,7 @@ async fn measure() -> Result<Vec<Row>, String> {
     for m in &masters {
         planted.plant(m);
     }
-    let mut plain = (Vec::new(), Vec::new());
-    for _ in 0..REPS {
-        healthy(&c, &masters, since).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (took, gap) = kill_leader(&watch).await?;
-        eprintln!("[bench] leader-loss plain kcm: new holder after {took:.2}s, {gap:.2}s without a working leader");
-        plain.0.push(took);
-        plain.1.push(gap);
-        since = now_secs();
-    }
+    let (plain, since) = kills(&c, &masters, &watch, since, "plain kcm").await?;
     planted.remove_all();
     healthy(&c, &masters, since).await?;
     crate::kind::patch_cr(&c, &serde_json::json!({"spec": {"paused": false}})).await?;
