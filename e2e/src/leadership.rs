@@ -23,6 +23,21 @@ use crate::kind::{client, kubectl, now_secs, on_node};
 pub const LEASE_PERIOD: Duration = Duration::from_millis(50);
 /// Where the planted fake kcm lives in a node container (argv0 basename kube-controller-manager).
 pub const FAKE_DIR: &str = "/opt/kcm-e2e-fence"; // not /tmp: noexec on kind nodes
+/// The renewal drill: 10-minute certificates (the CSR API's minimum), renewed when 90% remains.
+pub const DRILL_MINUTES: u32 = 10;
+pub const DRILL_PERCENT: u8 = 90;
+/// The seed's command on every master, run over ssh in its `for master_ip in ...` loop.
+pub const SEED_RESTART: &str = "systemctl daemon-reload && systemctl enable kube-controller-manager && systemctl restart kube-controller-manager";
+
+/// The CR's certificate spec as `manifests/kind` has it: yearly, Referenced.
+pub fn restore_patch() -> serde_json::Value {
+    serde_json::json!({"spec": {"certificate": {"validityMinutes": null, "renewWhenRemainingPercent": 20, "kubeconfigMode": "Referenced"}}})
+}
+
+/// The drill in `mode` (Referenced or Embedded): a renewal round every minute or so.
+pub fn drill_patch(mode: &str) -> serde_json::Value {
+    serde_json::json!({"spec": {"certificate": {"kubeconfigMode": mode, "validityMinutes": DRILL_MINUTES, "renewWhenRemainingPercent": DRILL_PERCENT}}})
+}
 /// The MainPID watchers stop by themselves after this long, should their owner not stop them.
 pub const WATCH_MAX_SECS: u64 = 3 * 3600;
 

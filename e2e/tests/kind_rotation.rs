@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 
 use e2e::kind::{all_healthy, client, cr, diagnostics, kubectl, masters, now_secs, on_node, probe_deployment, report_fresh, rfc3339_secs};
 use e2e::leadership::{
-    acquired_at, holder_sequence, leader_before, leaderless, unit_facts_all, wait_new_holder, LeaseSample, PatchGuard, Planted, UnitFacts, Watch,
+    acquired_at, drill_patch, holder_sequence, leader_before, leaderless, restore_patch, unit_facts_all, wait_new_holder, LeaseSample, PatchGuard, Planted,
+    UnitFacts, Watch, DRILL_MINUTES, DRILL_PERCENT, SEED_RESTART,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -58,19 +59,6 @@ const REFERENCED_LEADERLESS_MAX_SECS: f64 = 0.5;
 /// The status may report a new serial this long after kcm serves it (report period and
 /// staleness window, as READY's tolerance in kind_rescue).
 const SERVED_LAG_MAX_SECS: f64 = (STALE_AFTER_SECS + REPORT_PERIOD_SECS) as f64;
-/// The drill: 10-minute certificates (the CSR API's minimum), renewed when 90% remains.
-const DRILL_MINUTES: u32 = 10;
-const DRILL_PERCENT: u8 = 90;
-/// The seed's command on every master, run over ssh in its `for master_ip in ...` loop.
-const SEED_RESTART: &str = "systemctl daemon-reload && systemctl enable kube-controller-manager && systemctl restart kube-controller-manager";
-
-fn restore_patch() -> serde_json::Value {
-    serde_json::json!({"spec": {"certificate": {"validityMinutes": null, "renewWhenRemainingPercent": 20, "kubeconfigMode": "Referenced"}}})
-}
-
-fn drill_patch(mode: &str) -> serde_json::Value {
-    serde_json::json!({"spec": {"certificate": {"kubeconfigMode": mode, "validityMinutes": DRILL_MINUTES, "renewWhenRemainingPercent": DRILL_PERCENT}}})
-}
 
 // ---------------------------------------------------------------- per-phase figures
 

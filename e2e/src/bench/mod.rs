@@ -116,7 +116,8 @@ pub struct Row {
     pub unit: String,
     pub summary: Summary,
     pub ours: Series,
-    pub baseline: Option<Series>,
+    /// What an admin would do instead, measured the same way (none, one or several).
+    pub baselines: Vec<Series>,
     /// The goal as the issue states it, e.g. "p99 <= 200 ms".
     pub goal: Option<String>,
     /// Whether the goal was met, when it has one and ours has samples.
@@ -134,14 +135,14 @@ impl Row {
             unit: unit.into(),
             summary,
             ours,
-            baseline: None,
+            baselines: Vec::new(),
             goal: None,
             goal_met: None,
             note: String::new(),
         }
     }
     pub fn baseline(mut self, s: Series) -> Self {
-        self.baseline = Some(s);
+        self.baselines.push(s);
         self
     }
     /// A goal and the test of it on ours' summary (median or p99: `check` gets the row).
@@ -251,7 +252,7 @@ impl Results {
         s += "Figures are median / worst of the repetitions (n), or p50 / p99 for request latencies.\n\n";
         s += "| # | measure | unit | ours | baseline | goal | met |\n|---|---|---|---|---|---|---|\n";
         for r in &self.rows {
-            let base = r.baseline.as_ref().map(|b| r.cell(b)).unwrap_or_else(|| "—".into());
+            let base = if r.baselines.is_empty() { "—".into() } else { r.baselines.iter().map(|b| r.cell(b)).collect::<Vec<_>>().join("<br>") };
             let met = match r.goal_met {
                 Some(true) => "yes",
                 Some(false) => "**no**",

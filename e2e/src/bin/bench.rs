@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("[bench +{:.0}s] == {key}", t0.elapsed().as_secs_f64());
         let got = rt.block_on(bench::run(key));
         for r in &got {
-            let base = r.baseline.as_ref().map(|b| format!("  vs  {}", r.cell(b))).unwrap_or_default();
+            let base: String = r.baselines.iter().map(|b| format!("  vs  {}", r.cell(b))).collect();
             eprintln!(
                 "[bench] {} {} [{}]: {}{base}{}",
                 r.scenario,
