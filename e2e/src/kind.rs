@@ -265,6 +265,18 @@ pub async fn all_healthy(c: &kube::Client, masters: &[String], since: f64) -> Re
     Ok(leader)
 }
 
+/// Waits up to `within` for [`all_healthy`]; the leader's node, or the last reason why not.
+pub async fn await_healthy(c: &kube::Client, masters: &[String], since: f64, within: std::time::Duration) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match all_healthy(c, masters, since).await {
+            Ok(l) => return Ok(l),
+            Err(why) if std::time::Instant::now() > deadline => return Err(format!("not all healthy within {within:?}: {why}")),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+        }
+    }
+}
+
 /// The node containers of the kind cluster (`kcm-control-plane*`), for diagnostics.
 fn node_containers() -> Vec<String> {
     let (_, out) = sh(Command::new("docker").args(["ps", "--filter", "name=kcm-control-plane", "--format", "{{.Names}}"]));

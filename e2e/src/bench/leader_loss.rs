@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use super::{Row, Series, Summary};
-use crate::kind::{all_healthy, client, masters, now_secs, on_node};
+use crate::kind::{await_healthy, client, masters, now_secs, on_node};
 use crate::leadership::{acquired_at, leaderless, wait_new_holder, PatchGuard, Planted, Watch};
 use kcm_operator::rollout::leader_node;
 
 pub const REPS: usize = 5;
+const HEALTHY_WITHIN: Duration = Duration::from_secs(180);
 /// The README's claim for a leader crash with the fence.
 const GOAL_SECS: f64 = 3.0;
 
@@ -19,15 +20,6 @@ pub async fn run() -> Vec<Row> {
     match measure().await {
         Ok(rows) => rows,
         Err(e) => vec![Row::failed(3, "leader-loss", "kill -9 of the leader's kcm: time to a new holder", e)],
-    }
-}
-
-/// Waits until all is healthy again (reports observed after `since`); the leader's master.
-async fn healthy(c: &kube::Client, masters: &[String], since: f64) -> Result<String, String> {
-    let ok = crate::apitier::poll("all healthy", Duration::from_secs(180), || async { all_healthy(c, masters, since).await.ok() }).await;
-    match ok {
-        Some(l) => Ok(l),
-        None => Err(format!("not healthy within 180s: {}", all_healthy(c, masters, since).await.err().unwrap_or_default())),
     }
 }
 
@@ -53,7 +45,7 @@ async fn kill_leader(watch: &Watch) -> Result<(f64, f64), String> {
 async fn kills(c: &kube::Client, masters: &[String], watch: &Watch, mut since: f64, who: &str) -> Result<((Vec<f64>, Vec<f64>), f64), String> {
     let mut got = (Vec::new(), Vec::new());
     for _ in 0..REPS {
-        healthy(c, masters, since).await?;
+        await_healthy(c, masters, since, HEALTHY_WITHIN).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (took, gap) = kill_leader(watch).await?;
         eprintln!("[bench] leader-loss {who}: new holder after {took:.2}s, {gap:.2}s without a working leader");
@@ -69,7 +61,7 @@ async fn measure() -> Result<Vec<Row>, String> {
     let masters = masters(&c).await;
     let watch = Watch::start(&masters);
     let (ours, since) = kills(&c, &masters, &watch, 0.0, "ours").await?;
-    healthy(&c, &masters, since).await?;
+    await_healthy(&c, &masters, since, HEALTHY_WITHIN).await?;
 
     // Plain kcm: paused (no repair step) and a fake kcm on every master (no fence release).
     let mut pause = PatchGuard { patch: None };
@@ -81,7 +73,7 @@ async fn measure() -> Result<Vec<Row>, String> {
     }
     let (plain, since) = kills(&c, &masters, &watch, since, "plain kcm").await?;
     planted.remove_all();
-    healthy(&c, &masters, since).await?;
+    await_healthy(&c, &masters, since, HEALTHY_WITHIN).await?;
     crate::kind::patch_cr(&c, &serde_json::json!({"spec": {"paused": false}})).await?;
     pause.disarm();
 

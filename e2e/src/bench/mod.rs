@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod idle;
 pub mod leader_loss;
+pub mod rotation;
 
 /// The scenarios by the key `--only` takes, in the order a full run runs them: the idle
 /// figures first, while the cluster `up` made is quiet.
@@ -35,6 +36,7 @@ pub async fn run(key: &str) -> Vec<Row> {
         match k.as_str() {
             "idle" => idle::run().await,
             "leader-loss" => leader_loss::run().await,
+            "rotation" => rotation::run().await,
             _ => vec![Row::failed(number(&k), &k, &k, "this scenario is not built yet")],
         }
     });
