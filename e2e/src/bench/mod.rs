@@ -16,6 +16,9 @@ pub mod rotation;
 /// figures first, while the cluster `up` made is quiet.
 pub const KEYS: &[&str] = &["idle", "csr", "scale", "leader-loss", "rotation"];
 
+/// The scenarios that change the kind cluster's state (they wait for the idle window).
+pub const DISTURBS_KIND: &[&str] = &["leader-loss", "rotation"];
+
 /// The row number of a scenario's first row.
 fn number(key: &str) -> u8 {
     match key {

@@ -8,6 +8,20 @@ use std::time::Instant;
 
 use e2e::bench::{self, Machine, Results, Row};
 
+/// Runs one scenario and prints its rows as they come.
+async fn timed(key: &'static str, t0: Instant) -> Vec<Row> {
+    let t = Instant::now();
+    eprintln!("[bench +{:.0}s] == {key}", t0.elapsed().as_secs_f64());
+    let got = bench::run(key).await;
+    for r in &got {
+        let base: String = r.baselines.iter().map(|b| format!("  vs  {}", r.cell(b))).collect();
+        let why = if r.note.starts_with("NOT") { format!("  ({})", r.note) } else { String::new() };
+        eprintln!("[bench] {} {} [{}]: {}{base}{why}", r.scenario, r.measure, r.unit, r.cell(&r.ours));
+    }
+    eprintln!("[bench +{:.0}s] == {key}: {} rows in {:.0}s", t0.elapsed().as_secs_f64(), got.len(), t.elapsed().as_secs_f64());
+    got
+}
+
 fn main() -> anyhow::Result<()> {
     let mut only: Option<Vec<String>> = None;
     let mut out = PathBuf::from("e2e/bench");
@@ -19,7 +33,7 @@ fn main() -> anyhow::Result<()> {
             _ => anyhow::bail!("usage: bench [--only key,key] [--out DIR]; keys: {}", bench::KEYS.join(",")),
         }
     }
-    let keys: Vec<&str> = bench::KEYS.iter().copied().filter(|k| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k))).collect();
+    let keys: Vec<&'static str> = bench::KEYS.iter().copied().filter(|k| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k))).collect();
     if let Some(o) = &only {
         if let Some(bad) = o.iter().find(|x| !bench::KEYS.contains(&x.as_str())) {
             anyhow::bail!("unknown scenario {bad:?}; keys: {}", bench::KEYS.join(","));
@@ -27,24 +41,24 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     let t0 = Instant::now();
+    // The idle window runs alongside the API-tier scenarios (the kind cluster is quiet while
+    // they run on the host; it is up, and costs what it costs, during all of them anyway);
+    // everything that disturbs the cluster waits for it.
+    let idle = keys.contains(&"idle").then(|| rt.spawn(timed("idle", t0)));
     let mut rows: Vec<Row> = Vec::new();
-    for key in &keys {
-        let t = Instant::now();
-        eprintln!("[bench +{:.0}s] == {key}", t0.elapsed().as_secs_f64());
-        let got = rt.block_on(bench::run(key));
-        for r in &got {
-            let base: String = r.baselines.iter().map(|b| format!("  vs  {}", r.cell(b))).collect();
-            eprintln!(
-                "[bench] {} {} [{}]: {}{base}{}",
-                r.scenario,
-                r.measure,
-                r.unit,
-                r.cell(&r.ours),
-                if r.note.starts_with("NOT") { format!("  ({})", r.note) } else { String::new() }
-            );
+    for key in keys.iter().filter(|k| **k != "idle") {
+        if bench::DISTURBS_KIND.contains(key) {
+            if let Some(h) = idle.as_ref().filter(|h| !h.is_finished()) {
+                eprintln!("[bench +{:.0}s] waiting for the idle window before {key}", t0.elapsed().as_secs_f64());
+                while !h.is_finished() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
         }
-        eprintln!("[bench +{:.0}s] == {key}: {} rows in {:.0}s", t0.elapsed().as_secs_f64(), got.len(), t.elapsed().as_secs_f64());
-        rows.extend(got);
+        rows.extend(rt.block_on(timed(key, t0)));
+    }
+    if let Some(h) = idle {
+        rows.extend(rt.block_on(h)?);
     }
     std::fs::create_dir_all(&out)?;
     let json = out.join("results.json");
