@@ -4,8 +4,6 @@
 //! `e2e/bench/RESULTS.md` (the table). The figures are measured, never assumed: a row whose
 //! measurement failed carries the error in `note` and no samples, and the table says so.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 pub mod idle;
@@ -267,12 +265,19 @@ impl Results {
             s +=
                 &format!("| {} | {} | {} | {} | {} | {} | {} |\n", r.scenario, r.measure, r.unit, r.cell(&r.ours), base, r.goal.as_deref().unwrap_or("—"), met);
         }
-        let notes: BTreeMap<String, &str> =
-            self.rows.iter().filter(|r| !r.note.is_empty()).map(|r| (format!("{} {}", r.scenario, r.measure), r.note.as_str())).collect();
+        // One footnote per distinct note, naming its rows, in the table's order.
+        let mut notes: Vec<(&str, Vec<String>)> = Vec::new();
+        for r in self.rows.iter().filter(|r| !r.note.is_empty()) {
+            let name = format!("{} {}", r.scenario, r.measure);
+            match notes.iter_mut().find(|(n, _)| *n == r.note) {
+                Some((_, rows)) => rows.push(name),
+                None => notes.push((&r.note, vec![name])),
+            }
+        }
         if !notes.is_empty() {
             s += "\n## How each row was measured\n\n";
-            for (k, n) in notes {
-                s += &format!("- **{k}**: {n}\n");
+            for (n, rows) in notes {
+                s += &format!("- **{}**: {n}\n", rows.join("; "));
             }
         }
         s
@@ -316,5 +321,8 @@ mod tests {
         assert_eq!(got, vec![(1, 1.0), (2, 2.0), (3, 4.0)]);
         let md = res.markdown();
         assert!(md.contains("| 2 | m | s | ours: 2.00 / 2.00 (n=1) | — | — | — |"), "{md}");
+        res.rows[0].note = "same".into();
+        res.rows[2].note = "same".into();
+        assert!(res.markdown().contains("- **1 m; 3 m**: same\n"), "one footnote for rows with the same note");
     }
 }

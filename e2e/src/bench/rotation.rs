@@ -29,8 +29,10 @@ use crate::leadership::{drill_patch, leaderless, restore_patch, PatchGuard, Plan
 pub const REPS: usize = 5;
 const HEALTHY_WITHIN: Duration = Duration::from_secs(240);
 const KUBEADM_RENEW: &str = "kubeadm certs renew controller-manager.conf";
-/// kcm's /healthz on its secure port (the CR's default, as manifests/kind has it).
-const KCM_HEALTHZ: &str = "curl -sk --max-time 2 https://127.0.0.1:10252/healthz";
+/// kcm's /healthz on its secure port (the CR's default, as manifests/kind has it), at the
+/// address the unit binds it to.
+const KCM_HEALTHZ: &str =
+    r#"ip=$(systemctl cat kube-controller-manager | grep -o "bind-address=[^ ]*" | head -n1 | cut -d= -f2); curl -sk --max-time 2 "https://$ip:10252/healthz""#;
 /// The watchers' resolution: a restart-free round must show no more than this.
 const RESTART_FREE_GOAL_SECS: f64 = 0.5;
 const EMBEDDED_GOAL_SECS: f64 = 3.0;
