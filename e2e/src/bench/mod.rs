@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 pub const KEYS: &[&str] = &["csr", "rotation", "leader-loss", "footprint", "api-cost", "scale"];
 
 pub mod csr;
+pub mod scale;
 
 /// Runs one scenario; a scenario that is not built yet says so in a row of its own.
 pub async fn run(key: &str) -> Vec<Row> {
     match key {
         "csr" => csr::run().await,
+        "scale" => scale::run().await,
         _ => {
             let n = KEYS.iter().position(|k| *k == key).map(|i| i as u8 + 1).unwrap_or(0);
             vec![Row::failed(n, key, key, "this scenario is not built yet")]
