@@ -44,6 +44,7 @@ const AGED_LEFT_SECS: i64 = 86_400;
 /// Linear in N: the per-master figure at the largest N at most this many times that at the smallest.
 const LINEAR_FACTOR: f64 = 2.0;
 const GOAL: &str = "linear in N (per master at N=50 <= 2x at N=3)";
+const WALL: &str = "Scale: renewal of every master, wall time";
 
 /// Whether a per-master cost stays flat: the value at the largest N at most [`LINEAR_FACTOR`]
 /// times that at the smallest. `per_master`: (N, cost per master). None with fewer than two points.
@@ -407,6 +408,8 @@ fn rows(points: &[Point], failures: &[String], bin: &Path) -> Vec<Row> {
     let own = |p: &Point| own_ms_per_master(p.renewal, p.n, D);
     let total = |p: &Point| p.requests.values().sum::<f64>();
     let missing = if failures.is_empty() { String::new() } else { format!("NOT MEASURED: {}. ", failures.join("; ")) };
+    // The whole setup once, on the wall-time row; the others point to it.
+    let setup = format!("{missing}Setup as in \"6 {WALL}\".");
     let how = format!(
         "{missing}The operator binary {} (--elect=false, as user kcm-operator with its RBAC) on the API tier, N Nodes with the control-plane label, \
          the helper DaemonSet's pod on each reported Ready, a simulated helper per master reporting on its KcmNode as the real one does \
@@ -419,7 +422,7 @@ fn rows(points: &[Point], failures: &[String], bin: &Path) -> Vec<Row> {
     let errors: usize = points.iter().map(|p| p.write_errors).sum();
     let errors = if errors > 0 { format!(" The simulated helpers' writes failed {errors} times (retried).") } else { String::new() };
     vec![
-        Row::new(6, KEY, "Scale: renewal of every master, wall time", "s", Summary::Each, series(points.iter().map(|p| p.renewal.as_secs_f64()).collect()))
+        Row::new(6, KEY, WALL, "s", Summary::Each, series(points.iter().map(|p| p.renewal.as_secs_f64()).collect()))
             .goal(GOAL, |_| flat(&per_master(&|p| p.renewal.as_secs_f64())))
             .note(format!(
                 "{how} Floor N×D: {}. Initial rollout: {}.{errors}",
@@ -430,19 +433,20 @@ fn rows(points: &[Point], failures: &[String], bin: &Path) -> Vec<Row> {
             .goal(GOAL, |_| flat(&points.iter().map(|p| (p.n, own(p))).collect::<Vec<_>>()))
             .note(format!(
                 "(renewal wall time − N×D) / N, D = {} ms: what the operator adds per master to the helper's step; its rollout loop waits \
-                 200 ms after each change before it looks (to take a burst of changes in one look), so about 200 ms of it is by design. {how}",
+                 200 ms after each change before it looks (to take a burst of changes in one look), so about 200 ms of it is by design. {setup}",
                 D.as_millis()
             )),
         Row::new(6, KEY, "Scale: operator's API requests during the renewal", "requests", Summary::Each, series(points.iter().map(total).collect()))
             .goal(GOAL, |_| flat(&per_master(&total)))
             .note(format!(
                 "The operator's own counters (kcm_operator_api_requests_total on its /metrics) from the aging to its UpToDate after the last master; \
-                 by verb and resource: {}. The aging itself makes one PATCH kcmnodes (renewAt) per master that a real renewal would not. {how}",
+                 by verb and resource: {}. The aging changes each master's renewAt, which the operator writes: about one PATCH kcmnodes per master \
+                 that a real renewal would not make. {setup}",
                 each(&|p| breakdown(&p.requests))
             )),
         Row::new(6, KEY, "Scale: operator RSS after the renewal", "MiB", Summary::Each, series(points.iter().map(|p| p.rss_mib).collect())).note(format!(
             "VmRSS of the operator process after the renewal (/proc/<pid>/status); VmHWM (peak): {}; growth per master from the \
-             smallest to the largest N: {}. {how}",
+             smallest to the largest N: {}. {setup}",
             each(&|p| format!("{:.1} MiB", p.hwm_mib)),
             growth(&points.iter().map(|p| (p.n, p.rss_mib)).collect::<Vec<_>>()).map_or("—".into(), |g| format!("{:.0} KiB", g * 1024.0))
         )),
