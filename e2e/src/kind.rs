@@ -12,10 +12,15 @@ use kube::api::{Api, ListParams};
 
 use crate::apitier::k8s_bin;
 
-/// `$KCM_STATE/kubeconfig` (default `/var/tmp/kcm-e2e/kubeconfig`).
-pub fn kubeconfig() -> PathBuf {
+/// `$KCM_STATE/kubeconfig` (default `/var/tmp/kcm-e2e/kubeconfig`), whether it exists or not.
+pub fn kubeconfig_path() -> PathBuf {
     let state = std::env::var("KCM_STATE").unwrap_or_else(|_| "/var/tmp/kcm-e2e".into());
-    let p = PathBuf::from(state).join("kubeconfig");
+    PathBuf::from(state).join("kubeconfig")
+}
+
+/// [`kubeconfig_path`]; panics with a hint when the cluster is not up.
+pub fn kubeconfig() -> PathBuf {
+    let p = kubeconfig_path();
     assert!(p.exists(), "{} missing: bring the cluster up with `bash e2e/run.sh up`", p.display());
     p
 }

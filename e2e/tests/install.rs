@@ -8,14 +8,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use e2e::apitier::sim::{self, Owner};
 use e2e::apitier::{whoami, ApiServer};
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
 use k8s_openapi::ByteString;
-use kcm_operator::api::CR_NAME;
-use kcm_operator::api::{
-    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, HELPER_DAEMONSET,
-    HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE, RESCUE_APP, SIGNER_NAME,
-};
+use kcm_operator::api::{KubeControllerManagerSpec, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE, SIGNER_NAME};
 use kcm_operator::approver::{self, SignerConfig};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity};
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -61,30 +58,6 @@ fn spec_under(root: &Path, api: &ApiServer, port: u16) -> KubeControllerManagerS
     .unwrap()
 }
 
-/// Applies the project's RBAC and the helper DaemonSet (manifests/base) so the helper runs
-/// with exactly its rights and its pods have their owner (no DaemonSet controller runs here).
-async fn apply_manifests(client: &kube::Client) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base");
-    for file in ["namespace.yaml", "rbac.yaml", "node-helper.yaml"] {
-        let text = std::fs::read_to_string(root.join(file)).unwrap();
-        e2e::apitier::apply_yaml(client, &text).await.unwrap_or_else(|e| panic!("applying {file}: {e:#}"));
-    }
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
-    use kube::CustomResourceExt;
-    crds.create(&PostParams::default(), &KubeControllerManager::crd()).await.unwrap();
-    crds.create(&PostParams::default(), &KcmNode::crd()).await.unwrap();
-    e2e::apitier::wait_for("KubeControllerManager and KcmNode CRDs served", Duration::from_secs(30), || async {
-        Api::<KubeControllerManager>::all(client.clone()).list(&Default::default()).await.is_ok()
-            && Api::<KcmNode>::all(client.clone()).list(&Default::default()).await.is_ok()
-    })
-    .await;
-}
-
-async fn create_cr(client: &kube::Client, spec: KubeControllerManagerSpec) {
-    let cr = KubeControllerManager::new(CR_NAME, spec);
-    Api::<KubeControllerManager>::all(client.clone()).create(&PostParams::default(), &cr).await.unwrap();
-}
-
 struct Bed {
     api: ApiServer,
     root: tempfile::TempDir,
@@ -97,7 +70,7 @@ struct Bed {
 async fn bed() -> Bed {
     let api = ApiServer::start().await.expect("API tier starts");
     let admin = api.client();
-    apply_manifests(&admin).await;
+    sim::install_base(&admin).await.unwrap();
     let root = tempfile::tempdir().unwrap();
     let port = free_port();
     let spec = spec_under(root.path(), &api, port);
@@ -107,10 +80,8 @@ async fn bed() -> Bed {
     std::fs::copy(api.ca_cert_path(), certdir.join("ca.pem")).unwrap();
     std::fs::copy(api.ca_key_path(), certdir.join("ca-key.pem")).unwrap();
     std::fs::copy(api.sa_key_path(), certdir.join("sa.key")).unwrap();
-    create_cr(&admin, spec.clone()).await;
-    let pod = helper_pod(&admin, NODE, Owner::DaemonSet).await;
-    let token = api.bound_sa_token(NAMESPACE, HELPER_SERVICE_ACCOUNT, &pod, NODE).await.expect("bound token");
-    let helper = api.client_with_token(&token);
+    sim::create_cr(&admin, spec.clone()).await.unwrap();
+    let helper = sim::master_with_helper(&api, &admin, NODE).await.expect("the master and its helper").helper;
     set_steps(&admin, &[(NODE, STEP, None)]).await;
     let signer = tokio::spawn(approver::run(admin.clone(), SignerConfig::new(certdir.join("ca.pem"), certdir.join("ca-key.pem")), Default::default()));
     Bed { api, root, helper, spec, port, _signer: signer }
@@ -119,51 +90,12 @@ async fn bed() -> Bed {
 /// The operator's target revision in the bed: the step the helper's CSRs are for.
 const STEP: &str = "test-rev-1";
 
-/// What a test pod on a master is, to the signer.
-#[derive(Clone, Copy, Debug)]
-enum Owner {
-    /// Controlled by the helper DaemonSet: what the real helper runs in.
-    DaemonSet,
-    /// The operator's rescue pod for the node.
-    Rescue,
-    /// A pod with the helper's ServiceAccount that is neither.
-    Stray,
-}
-
-/// Creates a pod with the helper's ServiceAccount on `node` (no kubelet runs it); returns
-/// its name, for [`ApiServer::bound_sa_token`].
 async fn helper_pod(admin: &kube::Client, node: &str, owner: Owner) -> String {
-    use k8s_openapi::api::apps::v1::DaemonSet;
-    use k8s_openapi::api::core::v1::Pod;
-    let (name, labels, owners) = match owner {
-        Owner::DaemonSet => {
-            let ds = Api::<DaemonSet>::namespaced(admin.clone(), NAMESPACE).get(HELPER_DAEMONSET).await.unwrap();
-            let owner =
-                serde_json::json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": HELPER_DAEMONSET, "uid": ds.metadata.uid, "controller": true}]);
-            (format!("{HELPER_DAEMONSET}-{node}"), serde_json::json!({"app.kubernetes.io/name": HELPER_APP}), owner)
-        }
-        Owner::Rescue => (kcm_operator::rescue::rescue_pod_name(node), serde_json::json!({"app.kubernetes.io/name": RESCUE_APP}), serde_json::json!([])),
-        Owner::Stray => (format!("stray-{node}"), serde_json::json!({"app.kubernetes.io/name": HELPER_APP}), serde_json::json!([])),
-    };
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels, "ownerReferences": owners},
-        "spec": {"nodeName": node, "serviceAccountName": HELPER_SERVICE_ACCOUNT, "containers": [{"name": "node-helper", "image": "none"}]},
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(admin.clone(), NAMESPACE).create(&PostParams::default(), &pod).await.unwrap();
-    name
+    sim::helper_pod(admin, node, owner).await.unwrap()
 }
 
-/// Each node's KcmNode as the operator and the helper would leave it: its target revision
-/// (spec) and what its helper applied (status).
 async fn set_steps(admin: &kube::Client, steps: &[(&str, &str, Option<&str>)]) {
-    let api = Api::<KcmNode>::all(admin.clone());
-    for (node, target, applied) in steps {
-        let obj = KcmNode::new(node, KcmNodeSpec { target_revision: Some(target.parse().unwrap()), renew_at: None });
-        api.patch(node, &kube::api::PatchParams::apply("test-operator").force(), &kube::api::Patch::Apply(&obj)).await.unwrap();
-        let status = serde_json::json!({"apiVersion": "kcm.kcm-operator.io/v1alpha1", "kind": "KcmNode", "metadata": {"name": node}, "status": {"appliedRevision": applied}});
-        api.patch_status(node, &kube::api::PatchParams::apply("test-helper").force(), &kube::api::Patch::Apply(&status)).await.unwrap();
-    }
+    sim::set_steps(admin, steps).await.unwrap()
 }
 
 fn host(bed: &Bed) -> HostFs {
@@ -256,21 +188,7 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
 
 /// Creates a CSR for our signer as `client` for step `revision` and waits for the signer's verdict.
 async fn verdict(client: &kube::Client, admin: &kube::Client, name: &str, pem: String, usages: &[&str], node: &str, revision: &str) -> (String, String) {
-    let csr = CertificateSigningRequest {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some([(CSR_NODE_LABEL.to_string(), node.to_string())].into()),
-            annotations: Some([(CSR_REVISION_ANNOTATION.to_string(), revision.to_string())].into()),
-            ..Default::default()
-        },
-        spec: CertificateSigningRequestSpec {
-            request: ByteString(pem.into_bytes()),
-            signer_name: SIGNER_NAME.into(),
-            usages: Some(usages.iter().map(|s| s.to_string()).collect()),
-            ..Default::default()
-        },
-        status: None,
-    };
+    let csr = sim::csr(name, node, revision, pem, SIGNER_NAME, usages, None);
     Api::<CertificateSigningRequest>::all(client.clone()).create(&PostParams::default(), &csr).await.unwrap();
     let api = Api::<CertificateSigningRequest>::all(admin.clone());
     e2e::apitier::poll(&format!("verdict on CSR {name}"), Duration::from_secs(30), || {

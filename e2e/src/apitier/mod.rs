@@ -15,6 +15,7 @@
 
 mod pki;
 mod procs;
+pub mod sim;
 mod util;
 
 use std::collections::BTreeMap;
@@ -613,20 +614,7 @@ pub async fn bound_sa_token(client: &Client, ns: &str, sa: &str, pod_name: &str,
         Err(e) => return Err(e).with_context(|| format!("creating serviceaccount {ns}/{sa}")),
     }
 
-    let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": node_name, "labels": {"node-role.kubernetes.io/control-plane": ""}},
-    }))?;
-    match nodes.create(&pp, &node).await {
-        Ok(_) => {}
-        Err(e) if is_conflict(&e) => {}
-        Err(e) => return Err(e).with_context(|| format!("creating node {node_name}")),
-    }
-    let status = json!({"status": {"addresses": [
-        {"type": "InternalIP", "address": "127.0.0.1"},
-        {"type": "Hostname", "address": node_name},
-    ]}});
-    nodes.patch_status(node_name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("patching status of node {node_name}"))?;
+    master_node(client, node_name, "127.0.0.1").await?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod: Pod = serde_json::from_value(json!({
@@ -665,6 +653,26 @@ pub async fn bound_sa_token(client: &Client, ns: &str, sa: &str, pod_name: &str,
         bail!("TokenRequest for {ns}/{sa} returned no token");
     }
     Ok(token)
+}
+
+/// Ensures a Node `node_name` labelled `node-role.kubernetes.io/control-plane=""` whose
+/// status has the addresses InternalIP `ip` and Hostname `node_name` (no kubelet runs it).
+pub async fn master_node(client: &Client, node_name: &str, ip: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": node_name, "labels": {"node-role.kubernetes.io/control-plane": ""}},
+    }))?;
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(e) if is_conflict(&e) => {}
+        Err(e) => return Err(e).with_context(|| format!("creating node {node_name}")),
+    }
+    let status = json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": ip},
+        {"type": "Hostname", "address": node_name},
+    ]}});
+    nodes.patch_status(node_name, &PatchParams::default(), &Patch::Merge(&status)).await.with_context(|| format!("patching status of node {node_name}"))?;
+    Ok(())
 }
 
 /// SelfSubjectReview (authentication.k8s.io/v1): how the apiserver sees

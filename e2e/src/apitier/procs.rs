@@ -47,10 +47,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> Result<Proc> {
+        Self::spawn_env(name, bin, args, &[], log)
+    }
+
+    /// Like [`Proc::spawn`], with these environment variables added to the inherited ones.
+    pub fn spawn_env(name: &str, bin: &Path, args: &[String], env: &[(&str, &std::ffi::OsStr)], log: &Path) -> Result<Proc> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err)).process_group(0);
+        cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err)).process_group(0);
         // SAFETY: prctl is async-signal-safe; no allocation in the closure.
         unsafe {
             cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));

@@ -6,9 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod csr;
 pub mod idle;
 pub mod leader_loss;
 pub mod rotation;
+pub mod scale;
 
 /// The scenarios by the key `--only` takes, in the order a full run runs them: the idle
 /// figures first, while the cluster `up` made is quiet.
@@ -36,6 +38,8 @@ pub async fn run(key: &str) -> Vec<Row> {
     let task = tokio::spawn(async move {
         match k.as_str() {
             "idle" => idle::run().await,
+            "csr" => csr::run().await,
+            "scale" => scale::run().await,
             "leader-loss" => leader_loss::run().await,
             "rotation" => rotation::run().await,
             _ => vec![Row::failed(number(&k), &k, &k, "this scenario is not built yet")],
@@ -53,11 +57,59 @@ pub async fn run(key: &str) -> Vec<Row> {
     }
 }
 
-/// The kind cluster's Kubernetes version (the API tier runs the same binaries).
+/// The kind cluster's Kubernetes version (the API tier runs the same binaries); without a
+/// kind cluster (a run of API-tier scenarios only), the API tier's.
 pub async fn kubernetes_version() -> String {
+    if !crate::kind::kubeconfig_path().exists() {
+        return format!("{} (API tier; no kind cluster)", crate::apitier::K8S_VERSION);
+    }
     match crate::kind::client().await.apiserver_version().await {
         Ok(v) => v.git_version,
         Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// The operator binary the API-tier scenarios run: `$KCM_OPERATOR_BIN` (run.sh sets it to
+/// the release build), else `$CARGO_TARGET_DIR/{release,debug}/kcm-operator`.
+pub fn operator_bin() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KCM_OPERATOR_BIN").filter(|v| !v.is_empty()) {
+        let p = std::path::PathBuf::from(p);
+        anyhow::ensure!(p.is_file(), "KCM_OPERATOR_BIN={} is not a file", p.display());
+        return Ok(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let found = ["release", "debug"].iter().map(|p| target.join(p).join("kcm-operator")).find(|p| p.is_file());
+    found.ok_or_else(|| {
+        anyhow::anyhow!("no kcm-operator binary in {}/{{release,debug}}: build it (cargo build -p kcm-operator) or set KCM_OPERATOR_BIN", target.display())
+    })
+}
+
+/// The body of `GET http://<addr><path>` (a local /metrics or /readyz), within 5 s.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(std::time::Duration::from_secs(5), get).await.map_err(|_| anyhow::anyhow!("GET {addr}{path}: no answer in 5 s"))??;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("GET {addr}{path}: not an HTTP response"))?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow::anyhow!("GET {addr}{path}: no status code in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// A spawned task that is aborted when this is dropped (a scenario's watchers and
+/// simulated helpers end with it, also on an early return).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
