@@ -314,6 +314,17 @@ async fn bad_csrs_are_denied_with_the_rule_that_failed() {
     // The good one, from the helper, is issued; a second one for the same step is not.
     expect("the helper's request", verdict(&bed.helper, &admin, "good", good.clone(), &usages, NODE, STEP).await, "Issued");
     expect("a second certificate for the step", verdict(&bed.helper, &admin, "good-again", good.clone(), &usages, NODE, STEP).await, "AlreadyIssuedForStep");
+    // Two requests for a new step at once: exactly one is issued (decisions are serialized, and
+    // each one's LIST of issued CSRs includes every earlier issue: not older than the last one).
+    const RACE: &str = "test-rev-race";
+    set_steps(&admin, &[(NODE, RACE, None)]).await;
+    let (a, b) = tokio::join!(
+        verdict(&bed.helper, &admin, "race-a", good.clone(), &usages, NODE, RACE),
+        verdict(&bed.helper, &admin, "race-b", good.clone(), &usages, NODE, RACE)
+    );
+    let mut got = [a.0.clone(), b.0.clone()];
+    got.sort();
+    assert_eq!(got, ["AlreadyIssuedForStep".to_string(), "Issued".to_string()], "two CSRs for one step at once: {a:?} {b:?}");
     // Once the step is applied, a token an admin mints for the real helper pod gets nothing.
     set_steps(&admin, &[(NODE, STEP, Some(STEP))]).await;
     let minted =

@@ -64,7 +64,14 @@ impl SignerConfig {
 struct Ctx {
     client: kube::Client,
     config: SignerConfig,
-    deciding: tokio::sync::Mutex<()>,
+    /// One decision at a time per node (the node the CSR's token is bound to), each lock
+    /// holding the newest resourceVersion of a CSR this signer issued for that node (or,
+    /// before the first, of the CSR collection when it started): see [`issued_for`]. Only
+    /// the one-certificate-per-step rule looks beyond the CSR itself, and only at its node's
+    /// CSRs: decisions for different masters may run at once.
+    deciding: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<Option<String>>>>>,
+    /// The CSR collection's resourceVersion when this signer started.
+    start: Option<String>,
     metrics: OperatorMetrics,
 }
 
@@ -116,7 +123,7 @@ pub fn helper_pod_check(pod: &Pod, ds_uid: Option<&str>) -> Result<(), String> {
 /// The facts the rules need beyond the CSR: the pod its token is bound to, the node, the
 /// node's step under way and what was issued for it. Fetched only as far as the CSR's own
 /// claims lead (a token without pod extras costs no reads).
-async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, csr_name: &str) -> Result<Lookups, ApproverError> {
+async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, csr_name: &str, floor: Option<&str>) -> Result<Lookups, ApproverError> {
     let mut found = Lookups::default();
     let (Some(pod_name), Some(node_name)) = (facts.single_extra(POD_NAME_EXTRA), facts.single_extra(NODE_NAME_EXTRA)) else {
         return Ok(found);
@@ -142,10 +149,8 @@ async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, c
     let kcm_node = Api::<KcmNode>::all(ctx.client.clone()).get_opt(node_name).await.map_err(kube_err(format!("reading KcmNode {node_name}")))?;
     found.pending_revision = kcm_node.as_ref().and_then(KcmNode::pending).map(Revision::to_string);
     if let Some(rev) = facts.revision.filter(|r| found.pending_revision.as_deref() == Some(*r)) {
-        let lp = ListParams::default().labels(&format!("{}={node_name}", crate::api::CSR_NODE_LABEL)).fields(&format!("spec.signerName={SIGNER_NAME}"));
-        let csrs = Api::<CertificateSigningRequest>::all(ctx.client.clone()).list(&lp).await.map_err(kube_err(format!("listing CSRs of node {node_name}")))?;
+        let csrs = issued_for(ctx, node_name, floor).await?;
         found.issued_for_revision = csrs
-            .items
             .iter()
             .filter(|c| c.name_any() != csr_name && c.annotations().get(CSR_REVISION_ANNOTATION).map(String::as_str) == Some(rev))
             .filter(|c| c.status.as_ref().and_then(|s| s.certificate.as_ref()).is_some_and(|b| !b.0.is_empty()))
@@ -153,6 +158,26 @@ async fn lookups(ctx: &Ctx, facts: &CsrFacts<'_>, kcm: &KubeControllerManager, c
             .collect();
     }
     Ok(found)
+}
+
+/// The CSRs of our signer naming `node`, for the one-certificate-per-step rule. Every
+/// certificate is issued by the leading signer, its decisions one at a time: whatever was
+/// issued for `node` before this decision is at or below `floor`, the resourceVersion of
+/// this signer's latest issue for it (or of the collection when it started leading, which
+/// covers a previous leader's). A LIST "not older than" it is served by the apiserver's watch cache at once,
+/// where a quorum-consistent LIST waits for the cache to catch up with etcd (in 1.33 about
+/// 100 ms when no CSR changed meanwhile: every decision paid it). Without a floor, or when the
+/// cache cannot serve it, the consistent LIST.
+async fn issued_for(ctx: &Ctx, node: &str, floor: Option<&str>) -> Result<Vec<CertificateSigningRequest>, ApproverError> {
+    let api = Api::<CertificateSigningRequest>::all(ctx.client.clone());
+    let lp = ListParams::default().labels(&format!("{}={node}", crate::api::CSR_NODE_LABEL)).fields(&format!("spec.signerName={SIGNER_NAME}"));
+    if let Some(rv) = floor {
+        match api.list(&lp.clone().at(rv).matching(kube::api::VersionMatch::NotOlderThan)).await {
+            Ok(l) => return Ok(l.items),
+            Err(e) => tracing::debug!("listing CSRs of node {node} not older than {rv}: {e}; listing consistently"),
+        }
+    }
+    Ok(api.list(&lp).await.map_err(kube_err(format!("listing CSRs of node {node}")))?.items)
 }
 
 fn decided(csr: &CertificateSigningRequest) -> (bool, bool) {
@@ -194,10 +219,15 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         revision: csr.annotations().get(CSR_REVISION_ANNOTATION).map(String::as_str),
         age_secs: csr.metadata.creation_timestamp.as_ref().map_or(0, |t| now.as_second() - t.0.as_second()),
     };
-    // One decision at a time: two CSRs for the same step must not both pass the
+    // One decision at a time per node: two CSRs for the same step must not both pass the
     // one-certificate-per-step rule before either is issued.
-    let _one = ctx.deciding.lock().await;
-    let found = lookups(&ctx, &facts, &kcm, &name).await?;
+    let node_lock = {
+        let key = facts.single_extra(NODE_NAME_EXTRA).unwrap_or_default().to_string();
+        let mut locks = ctx.deciding.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(key).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(ctx.start.clone()))).clone()
+    };
+    let mut floor = node_lock.lock().await;
+    let found = lookups(&ctx, &facts, &kcm, &name, floor.as_deref()).await?;
     let pp = PatchParams::default();
     let accepted = match signer::check(&facts, &found, &policy) {
         Ok(a) => a,
@@ -237,7 +267,7 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
     let pem = signer::sign(&accepted, &ca, now.as_second(), validity, csr.spec.expiration_seconds)?;
     let patch = json!({"status": {"certificate": k8s_openapi::ByteString(pem.into_bytes())}});
     match api.patch_status(&name, &pp, &Patch::Merge(&patch)).await {
-        Ok(_) => {}
+        Ok(issued) => *floor = issued.metadata.resource_version.or(floor.take()),
         // Issued already by an earlier pass that this (stale) event did not see yet.
         Err(kube::Error::Api(e)) if e.code == 422 && api.get_status(&name).await.is_ok_and(|c| c.status.and_then(|s| s.certificate).is_some()) => {
             return Ok(Action::await_change());
@@ -260,9 +290,17 @@ fn error_policy(csr: Arc<CertificateSigningRequest>, err: &ApproverError, ctx: A
 /// (`kcm_operator_csr_decisions_total{reason}`).
 pub async fn run(client: kube::Client, config: SignerConfig, metrics: OperatorMetrics) {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    // Where this leadership starts: everything a previous leader issued is at or below it.
+    let start = match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(l) => l.metadata.resource_version,
+        Err(e) => {
+            tracing::warn!("reading the CSR collection's resourceVersion: {e}; every decision lists CSRs consistently until the first issue");
+            None
+        }
+    };
     let wc = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
     Controller::new(api, wc)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, config, deciding: Default::default(), metrics }))
+        .run(reconcile, error_policy, Arc::new(Ctx { client, config, deciding: Default::default(), start, metrics }))
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("signer: {e}");
