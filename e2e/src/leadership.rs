@@ -184,6 +184,10 @@ impl Watch {
         Watch { stop, lease, lease_errors, pids, threads, children, nodes: nodes.to_vec(), pidfile }
     }
 
+    /// Seconds without a working leader in [from, to] (see [`leaderless`], kcm's process counted).
+    pub fn leaderless_secs(&self, from: f64, to: f64) -> f64 {
+        leaderless(&self.lease_all(), &self.pid_tracks(), from, to, true).iter().map(|(a, b, _)| (b - a).max(0.0)).sum()
+    }
     pub fn lease_all(&self) -> Vec<LeaseSample> {
         self.lease.lock().unwrap().clone()
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Row, Series, Summary};
 use crate::kind::{await_healthy, client, masters, now_secs, on_node};
-use crate::leadership::{acquired_at, leaderless, wait_new_holder, PatchGuard, Planted, Watch};
+use crate::leadership::{acquired_at, wait_new_holder, PatchGuard, Planted, Watch};
 use kcm_operator::rollout::leader_node;
 
 pub const REPS: usize = 5;
@@ -36,8 +36,7 @@ async fn kill_leader(watch: &Watch) -> Result<(f64, f64), String> {
     }
     let new = wait_new_holder(watch, t, Some(&old), Duration::from_secs(60)).await.ok_or_else(|| format!("no new holder within 60s of killing {old}"))?;
     let took = acquired_at(&new, t) - t;
-    let gaps = leaderless(&watch.lease_all(), &watch.pid_tracks(), t, new.t, true);
-    Ok((took, gaps.iter().map(|(a, b, _)| b - a).sum()))
+    Ok((took, watch.leaderless_secs(t, new.t)))
 }
 
 /// [`REPS`] kills, each once all is healthy again: (times to a new holder, times without a

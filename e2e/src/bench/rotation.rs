@@ -90,11 +90,6 @@ pub fn rounds(steps: &[StepSeen], masters: &[String]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Seconds without a working leader in [from, to].
-fn leaderless_secs(watch: &Watch, from: f64, to: f64) -> f64 {
-    leaderless(&watch.lease_all(), &watch.pid_tracks(), from, to, true).iter().map(|(a, b, _)| b - a).sum()
-}
-
 /// (time without a working leader, wall time) of each repetition.
 #[derive(Default)]
 struct Figures {
@@ -104,7 +99,7 @@ struct Figures {
 
 impl Figures {
     fn push(&mut self, watch: &Watch, from: f64, to: f64, who: &str) {
-        let gap = leaderless_secs(watch, from, to);
+        let gap = watch.leaderless_secs(from, to);
         eprintln!("[bench] rotation {who}: {:.2}s without a working leader, {:.1}s wall", gap, to - from);
         self.leaderless.push(gap);
         self.wall.push(to - from);
