@@ -274,6 +274,8 @@ async fn reconcile(csr: Arc<CertificateSigningRequest>, ctx: Arc<Ctx>) -> Result
         }
         Err(e) => return Err(kube_err(format!("issuing CSR {name}"))(e).into()),
     }
+    // The issue is recorded: the master's next decision need not wait for the Event.
+    drop(floor);
     ctx.metrics.csr_decisions.inc(&[crate::metrics::ISSUED]);
     tracing::info!(csr = %name, node = %accepted.node, "approved and issued");
     decided_event(&ctx, &csr, EventType::Normal, "CertificateIssued", format!("CSR {name}: certificate issued for master {}", accepted.node)).await;
