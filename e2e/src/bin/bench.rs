@@ -39,6 +39,13 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("unknown scenario {bad:?}; keys: {}", bench::KEYS.join(","));
         }
     }
+    // The commit measured: read before the run, which can take half an hour.
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let rt = tokio::runtime::Runtime::new()?;
     let t0 = Instant::now();
     // The idle window runs alongside the API-tier scenarios (the kind cluster is quiet while
@@ -63,12 +70,6 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let json = out.join("results.json");
     let mut res: Results = std::fs::read(&json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
     res.merge(Machine::here(&rt.block_on(bench::kubernetes_version()), &commit), rows);
     std::fs::write(&json, serde_json::to_string_pretty(&res)?)?;
     let md = res.markdown();
