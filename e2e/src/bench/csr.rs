@@ -346,10 +346,9 @@ pub async fn run() -> Vec<Row> {
             CONC,
             &format!(
                 "{ROUNDS} rounds of {CONCURRENT} CSRs at once, one from each of {CONCURRENT} masters (more than a rollout makes: it gives one master \
-                 a step at a time). Our signer decides one CSR at a time (one certificate per step), each after a consistent LIST of the \
-                 node's CSRs; the apiserver serves that from its watch cache once a progress notification shows the cache current, up to \
-                 ~100 ms when other objects were written in between (an apiserver with --feature-gates=ConsistentListFromCache=false \
-                 does not wait, and the queue shrinks to the decisions' own time)."
+                 a step at a time). Our signer decides one CSR at a time per master (one certificate per step), masters side by side; \
+                 each decision makes its reads (CR, pod, DaemonSet, Node, KcmNode, the master's CSRs not older than the signer's last \
+                 issue for it) and two writes (approval, certificate), so 20 at once share the apiserver and this machine's 2 cores."
             ),
             false,
             ours_conc,
