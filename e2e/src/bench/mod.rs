@@ -179,6 +179,9 @@ pub struct Row {
     pub goal_met: Option<bool>,
     /// How it was measured, or why it has no figure.
     pub note: String,
+    /// When and at which commit this row was measured (a `--only` run updates some rows).
+    #[serde(default)]
+    pub measured: String,
 }
 
 impl Row {
@@ -194,6 +197,7 @@ impl Row {
             goal: None,
             goal_met: None,
             note: String::new(),
+            measured: String::new(),
         }
     }
     pub fn baseline(mut self, s: Series) -> Self {
@@ -290,7 +294,13 @@ impl Results {
     pub fn merge(&mut self, machine: Machine, fresh: Vec<Row>) {
         let keys: Vec<&str> = fresh.iter().map(|r| r.key.as_str()).collect();
         self.rows.retain(|r| !keys.contains(&r.key.as_str()));
-        self.rows.extend(fresh);
+        let stamp = |m: &Machine| format!("{} at commit {}", m.date, m.commit);
+        let old = stamp(&self.machine);
+        for r in self.rows.iter_mut().filter(|r| r.measured.is_empty()) {
+            r.measured = old.clone();
+        }
+        let new = stamp(&machine);
+        self.rows.extend(fresh.into_iter().map(|r| Row { measured: new.clone(), ..r }));
         self.rows.sort_by_key(|r| r.scenario);
         self.machine = machine;
     }
@@ -301,9 +311,24 @@ impl Results {
         let mut s = String::from("# Benchmark results\n\n");
         s += "Written by `bash e2e/run.sh bench` (`e2e/src/bench/`); do not edit by hand.\n\n";
         s += &format!(
-            "Measured {} on `{}`: {} CPUs ({}), {} GiB, Linux {}; Kubernetes {}; commit {}.\n\n",
+            "Last run {} on `{}`: {} CPUs ({}), {} GiB, Linux {}; Kubernetes {}; commit {}.\n\n",
             m.date, m.host, m.cpus, m.cpu_model, m.memory_gib, m.kernel, m.kubernetes, m.commit
         );
+        let mut when: Vec<(&str, Vec<u8>)> = Vec::new();
+        for r in &self.rows {
+            match when.iter_mut().find(|(w, _)| *w == r.measured) {
+                Some((_, n)) if n.contains(&r.scenario) => {}
+                Some((_, n)) => n.push(r.scenario),
+                None => when.push((&r.measured, vec![r.scenario])),
+            }
+        }
+        if when.len() > 1 {
+            s += "Rows measured in separate runs (`--only`), on this machine and cluster:\n";
+            for (w, n) in when {
+                s += &format!("- {}: {}\n", n.iter().map(u8::to_string).collect::<Vec<_>>().join(", "), w);
+            }
+            s += "\n";
+        }
         s += "Figures are median / worst of the repetitions (n), or p50 / p99 for request latencies.\n\n";
         s += "| # | measure | unit | ours | baseline | goal | met |\n|---|---|---|---|---|---|---|\n";
         for r in &self.rows {
@@ -368,11 +393,12 @@ mod tests {
     fn merge_replaces_only_the_rerun_scenarios() {
         let row = |n: u8, key: &str, v: f64| Row::new(n, key, "m", "s", Summary::MedianWorst, Series::new("ours", vec![v]));
         let mut res = Results { machine: Machine::default(), rows: vec![row(1, "csr", 1.0), row(3, "leader-loss", 3.0)] };
-        res.merge(Machine::default(), vec![row(3, "leader-loss", 4.0), row(2, "rotation", 2.0)]);
+        res.merge(Machine { date: "d2".into(), commit: "c2".into(), ..Machine::default() }, vec![row(3, "leader-loss", 4.0), row(2, "rotation", 2.0)]);
         let got: Vec<(u8, f64)> = res.rows.iter().map(|r| (r.scenario, r.ours.samples[0])).collect();
         assert_eq!(got, vec![(1, 1.0), (2, 2.0), (3, 4.0)]);
         let md = res.markdown();
         assert!(md.contains("| 2 | m | s | ours: 2.00 / 2.00 (n=1) | — | — | — |"), "{md}");
+        assert!(md.contains("- 1:  at commit \n- 2, 3: d2 at commit c2\n"), "each row's run: {md}");
         res.rows[0].note = "same".into();
         res.rows[2].note = "same".into();
         assert!(res.markdown().contains("- **1 m; 3 m**: same\n"), "one footnote for rows with the same note");

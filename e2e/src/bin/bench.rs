@@ -30,7 +30,14 @@ fn main() -> anyhow::Result<()> {
         match a.as_str() {
             "--only" => only = Some(args.next().unwrap_or_default().split(',').map(str::to_string).collect()),
             "--out" => out = PathBuf::from(args.next().unwrap_or_default()),
-            _ => anyhow::bail!("usage: bench [--only key,key] [--out DIR]; keys: {}", bench::KEYS.join(",")),
+            // Writes RESULTS.md anew from results.json, measuring nothing.
+            "--render" => {
+                let json = out.join("results.json");
+                let res: Results = serde_json::from_slice(&std::fs::read(&json)?)?;
+                std::fs::write(out.join("RESULTS.md"), res.markdown())?;
+                return Ok(());
+            }
+            _ => anyhow::bail!("usage: bench [--out DIR] [--only key,key | --render]; keys: {}", bench::KEYS.join(",")),
         }
     }
     let keys: Vec<&'static str> = bench::KEYS.iter().copied().filter(|k| only.as_ref().is_none_or(|o| o.iter().any(|x| x == k))).collect();
