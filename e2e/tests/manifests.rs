@@ -69,6 +69,15 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
     let cases = [
         (cr("kube-controller-manager", "  apiserverUrl: http://10.0.0.1:6443\n"), "apiserverUrl must be an https:// URL"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: banana\n"), "serviceClusterIpRange must be a CIDR"),
+        (
+            cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: 10.96.0.0/33\n"),
+            "serviceClusterIpRange must be a CIDR",
+        ),
+        (
+            cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: 10.256.0.0/16\n"),
+            "serviceClusterIpRange must be a CIDR",
+        ),
+        (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: 10.96.0.0\n"), "serviceClusterIpRange must be a CIDR"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  paths:\n    cert: ../../etc/shadow\n"), "paths.cert must be an absolute path"),
         (
             cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    binaryPath: /opt/k8s/../../bin/sh\n"),
@@ -88,6 +97,14 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
     }
     let (ok, out) = run(&api, &["apply", "--dry-run=server"], Some(&cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n")));
     assert!(ok, "minimal CR rejected: {out}");
+    for range in ["10.254.0.0/16", "172.16.0.0/12", "fd00:10:96::/112", "2001:db8::/64"] {
+        let (ok, out) = run(
+            &api,
+            &["apply", "--dry-run=server"],
+            Some(&cr("kube-controller-manager", &format!("  apiserverUrl: https://10.0.0.1:6443\n  serviceClusterIpRange: {range}\n"))),
+        );
+        assert!(ok, "serviceClusterIpRange {range} rejected: {out}");
+    }
 }
 
 /// Issue 8, "No injection": writing the CR is root on every master, so no control character

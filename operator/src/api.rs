@@ -101,7 +101,7 @@ pub struct KubeControllerManagerSpec {
     /// `--service-cluster-ip-range` (seed: ${SERVICE_CIDR}).
     #[serde(default = "default_service_cidr")]
     #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = [
-        {"rule": "isCIDR(self)", "message": "serviceClusterIpRange must be a CIDR"},
+        {"rule": CIDR, "message": "serviceClusterIpRange must be a CIDR"},
         no_control_rule("serviceClusterIpRange"),
     ]))]
     pub service_cluster_ip_range: String,
@@ -246,6 +246,13 @@ const MAX_ARGS: u32 = 256;
 /// CEL: `self` holds no control character (C0, DEL, C1). In the unit, a newline would start
 /// a new setting (`ExecStartPre=`, run as root on every master).
 const NO_CONTROL: &str = r"self.matches('^[^\\x00-\\x1f\\x7f-\\x9f]*$')";
+/// CEL: `self` is one IPv4 CIDR (octets and prefix in range) or one IPv6 CIDR. Not CEL's
+/// `isCIDR`: that library came in Kubernetes 1.31, and a 1.30 apiserver refuses the whole
+/// CRD for it.
+const CIDR: &str = concat!(
+    r"self.matches('^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])$')",
+    r" || self.matches('^[0-9a-fA-F]{0,4}(:[0-9a-fA-F]{0,4}){2,7}/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])$')"
+);
 /// CEL: `self` is an absolute path without `..` components.
 const ABSOLUTE_NO_DOTDOT: &str = "self.startsWith('/') && !self.contains('/../') && !self.endsWith('/..')";
 

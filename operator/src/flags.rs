@@ -152,6 +152,15 @@ const KLOG_REMOVED_1_26: &[&str] = &[
     "stderrthreshold",
 ];
 
+/// Every flag name [`translate`] has a rule for (the rest are kept as they are), so that
+/// the rules can be checked against a real binary's `--help`.
+pub fn ruled_flags() -> Vec<&'static str> {
+    let mut names =
+        vec!["port", "address", "experimental-cluster-signing-duration", "cluster-signing-duration", "pod-eviction-timeout", "concurrent-service-syncs"];
+    names.extend_from_slice(KLOG_REMOVED_1_26);
+    names
+}
+
 enum Fate {
     Keep,
     Rename(&'static str),
@@ -172,6 +181,10 @@ fn fate(flag: &Flag, v: KcmVersion) -> Fate {
         "pod-eviction-timeout" if v.at_least(27) => {
             Fate::Drop("--pod-eviction-timeout dropped: removed in 1.27; eviction follows taint tolerations (default 300s)".into())
         }
+        "concurrent-service-syncs" if v.at_least(37) => Fate::Drop(
+            "--concurrent-service-syncs dropped: removed in 1.37; it was a no-op since 1.31 (the service controller runs in the cloud controller manager)"
+                .into(),
+        ),
         name if v.at_least(26) && KLOG_REMOVED_1_26.contains(&name) => {
             Fate::Drop(format!("--{name} dropped: klog flags were removed in 1.26; kcm logs to stderr (the journal)"))
         }
@@ -275,6 +288,16 @@ mod tests {
         assert_eq!(names(&t), ["profiling", "cluster-signing-duration", "v"]);
         assert_eq!(t.flags[1].value.as_deref(), Some("8760h"));
         assert!(t.warnings.iter().any(|w| w.starts_with("--pod-eviction-timeout dropped")));
+    }
+
+    #[test]
+    fn kcm_1_37_drops_concurrent_service_syncs() {
+        let flags = [Flag::new("concurrent-service-syncs", "2"), Flag::new("v", "2")];
+        let t = translate(&flags, KcmVersion::new(1, 36, 1), None).unwrap();
+        assert_eq!(names(&t), ["concurrent-service-syncs", "v"]);
+        let t = translate(&flags, KcmVersion::new(1, 37, 2), None).unwrap();
+        assert_eq!(names(&t), ["v"]);
+        assert!(t.warnings[0].starts_with("--concurrent-service-syncs dropped: removed in 1.37"), "{:?}", t.warnings);
     }
 
     #[test]

@@ -357,6 +357,15 @@ WantedBy=multi-user.target
     }
 
     #[test]
+    fn seed_unit_on_1_37_loses_concurrent_service_syncs_too() {
+        let files = node_files(&seed_spec(), ip(), KcmVersion::new(1, 37, 2), None).unwrap();
+        let gone = ["  --port=0 \\", "  --pod-eviction-timeout=6m \\", "  --logtostderr=true \\", "  --concurrent-service-syncs=2 \\"];
+        let want: Vec<&str> = SEED_UNIT_1_23.lines().filter(|l| !gone.contains(l)).collect();
+        assert_eq!(files.unit.lines().collect::<Vec<_>>(), want);
+        assert_eq!(files.flags.warnings.len(), 5, "{:?}", files.flags.warnings);
+    }
+
+    #[test]
     fn extra_args_override_in_place_and_append() {
         let mut spec = seed_spec();
         spec.kcm.extra_args.insert("cluster-signing-duration".into(), "720h".into());
