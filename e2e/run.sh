@@ -17,6 +17,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$KCM_CACHE/cargo-target}
 export CARGO_TERM_COLOR=never
 mkdir -p "$KCM_CACHE" "$KCM_STATE"
 TESTBED="$HERE/testbed/testbed.sh"
+# The pinned versions (versions.env), each overridable from the environment.
+set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$HERE/testbed/versions.env")"; set +a
 STATIC_TARGET=x86_64-unknown-linux-gnu
 
 log() { printf '[run %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -60,7 +62,14 @@ crd_drift() {
   rm -f "$tmp"
 }
 
-k8s_bins() { bash "$HERE/testbed/build-k8s.sh"; }
+k8s_bins() {
+  bash "$HERE/testbed/build-k8s.sh" || return 1
+  # The version matrix (install.rs): kube-apiserver and kube-controller-manager of each.
+  local v
+  for v in $(grep -v '^#' "$HERE/testbed/kcm-versions"); do
+    K8S_VERSION=$v K8S_COMPONENTS="kube-apiserver kube-controller-manager" bash "$HERE/testbed/build-k8s.sh" || return 1
+  done
+}
 
 api_tier() {
   cargo test -p e2e --test api_tier --test install --test manifests --test admission -- --test-threads 2
@@ -98,7 +107,7 @@ kind_e2e() {
 }
 
 apply_manifests() {
-  local k=("$KCM_CACHE/k8s-v1.33.13/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig")
+  local k=("$KCM_CACHE/k8s-$K8S_VERSION/bin/kubectl" --kubeconfig "$KCM_STATE/kubeconfig")
   # The CRD first: a CR in the same apply as its new CRD is refused.
   "${k[@]}" apply -f manifests/base/crd.yaml || return 1
   "${k[@]}" wait --for=condition=Established --timeout=60s crd/kubecontrollermanagers.kcm.kcm-operator.io crd/kcmnodes.kcm.kcm-operator.io || return 1

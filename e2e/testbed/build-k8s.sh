@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Builds pinned Kubernetes components, etcd and kind from the Go module proxy into the
 # cache ($KCM_CACHE, default /var/cache/kcm-operator), keyed by version. Skips what is built.
+# K8S_COMPONENTS (default: all seven) builds a subset into the same place, and then neither
+# etcd nor kind: the version matrix needs only kube-apiserver and kube-controller-manager.
 set -euo pipefail
-K8S_VERSION=${K8S_VERSION:-v1.33.13}
-ETCD_VERSION=${ETCD_VERSION:-v3.5.24}   # = the etcd tag `kubeadm config images list` names for K8S_VERSION
-KIND_VERSION=${KIND_VERSION:-v0.29.0}
+# The pinned versions (versions.env), each overridable from the environment.
+set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$(dirname "${BASH_SOURCE[0]}")/versions.env")"; set +a
 CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 staging_v="v0.${K8S_VERSION#v1.}"
 bin="$CACHE/k8s-$K8S_VERSION/bin"
-components=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubeadm kubectl kube-proxy)
+all_components=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubeadm kubectl kube-proxy)
+read -r -a components <<<"${K8S_COMPONENTS:-${all_components[*]}}"
+for c in "${components[@]}"; do
+  case " ${all_components[*]} " in *" $c "*) ;; *) echo "ERROR: K8S_COMPONENTS: unknown component $c" >&2; exit 1 ;; esac
+done
 
 have_all() { for c in "${components[@]}"; do [ -x "$bin/$c" ] || return 1; done; }
 
@@ -46,13 +51,12 @@ GO
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=2025-01-01T00:00:00Z"
   done
-  go build -trimpath -ldflags "-s -w $ld" -o "$bin/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubeadm \
-    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kube-proxy
+  go build -trimpath -ldflags "-s -w $ld" -o "$bin/" "${components[@]/#/k8s.io/kubernetes/cmd/}"
   touch "$bin/.complete"
   cd /; rm -rf "$work"; trap - EXIT
 fi
+
+[ -n "${K8S_COMPONENTS:-}" ] && exit 0
 
 # the etcd image tag kubeadm expects must match what we build
 want=$("$bin/kubeadm" config images list --kubernetes-version "$K8S_VERSION" 2>/dev/null | sed -n 's#.*/etcd:\([0-9.]*\)-.*#v\1#p')

@@ -21,9 +21,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
-export K8S_VERSION=${K8S_VERSION:-v1.33.13}
-export ETCD_VERSION=${ETCD_VERSION:-v3.5.24}
-export KIND_VERSION=${KIND_VERSION:-v0.29.0}
+# The pinned versions (versions.env), each overridable from the environment.
+set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$HERE/versions.env")"; set +a
 export CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}   # v1.33.x is not on this machine's Go proxy (403)
 export KCM_CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
 CACHE=$KCM_CACHE

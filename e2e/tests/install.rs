@@ -5,15 +5,16 @@
 //! written certificate. CSRs from other identities or with wrong contents are denied.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use e2e::apitier::sim::{self, Owner};
-use e2e::apitier::{whoami, ApiServer};
+use e2e::apitier::{whoami, ApiServer, ApiServerOptions};
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
 use k8s_openapi::ByteString;
 use kcm_operator::api::{KubeControllerManagerSpec, HELPER_DAEMONSET, HELPER_SERVICE_ACCOUNT, KCM_USER, NAMESPACE, SIGNER_NAME};
 use kcm_operator::approver::{self, SignerConfig};
+use kcm_operator::flags::{self, Flag, KcmVersion};
 use kcm_operator::pki::{self, CertInfo, NodeIdentity};
 use kube::api::{Api, ObjectMeta, PostParams};
 use node_helper::host::HostFs;
@@ -25,19 +26,16 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn kcm_binary() -> PathBuf {
-    e2e::apitier::k8s_bin("kube-controller-manager").expect("kube-controller-manager binary")
-}
-
-/// A spec whose host paths all live under `root` (the helper's host root is `/`).
-fn spec_under(root: &Path, api: &ApiServer, port: u16) -> KubeControllerManagerSpec {
+/// A spec whose host paths all live under `root` (the helper's host root is `/`), for the
+/// kube-controller-manager at `kcm`.
+fn spec_under(root: &Path, api: &ApiServer, port: u16, kcm: &Path) -> KubeControllerManagerSpec {
     let p = |rel: &str| root.join(rel).display().to_string();
     serde_json::from_value(serde_json::json!({
         "apiserverUrl": api.url(),
         "clusterName": "kubernetes",
         "serviceClusterIpRange": "10.96.0.0/16",
         "kcm": {
-            "binaryPath": kcm_binary().display().to_string(),
+            "binaryPath": kcm.display().to_string(),
             "securePort": port,
             "workingDir": p("data/k8s/k8s/kube-controller-manager"),
             // Nothing else runs here: keep kcm's controllers to a quiet few.
@@ -67,13 +65,25 @@ struct Bed {
     _signer: tokio::task::JoinHandle<()>,
 }
 
+/// The bed on the default version's kube-apiserver and kube-controller-manager.
 async fn bed() -> Bed {
-    let api = ApiServer::start().await.expect("API tier starts");
+    let kcm = e2e::apitier::k8s_bin("kube-controller-manager").expect("kube-controller-manager binary");
+    bed_with(ApiServerOptions::default(), &kcm).await
+}
+
+/// The bed on kube-apiserver and kube-controller-manager of matrix `version`.
+async fn bed_of(version: &str) -> Bed {
+    let bin = |name: &str| e2e::apitier::k8s_bin_of(version, name).unwrap_or_else(|e| panic!("{e:#}"));
+    bed_with(ApiServerOptions { apiserver_bin: Some(bin("kube-apiserver")), ..Default::default() }, &bin("kube-controller-manager")).await
+}
+
+async fn bed_with(opts: ApiServerOptions, kcm: &Path) -> Bed {
+    let api = ApiServer::start_with(opts).await.expect("API tier starts");
     let admin = api.client();
     sim::install_base(&admin).await.unwrap();
     let root = tempfile::tempdir().unwrap();
     let port = free_port();
-    let spec = spec_under(root.path(), &api, port);
+    let spec = spec_under(root.path(), &api, port, kcm);
     // The master's CA material, where the seed keeps it.
     let certdir = root.path().join("etc/kubernetes/cert");
     std::fs::create_dir_all(&certdir).unwrap();
@@ -102,11 +112,28 @@ fn host(bed: &Bed) -> HostFs {
     HostFs::new("/", vec![bed.root.path().to_path_buf()])
 }
 
+/// The version matrix: for each kcm version of `e2e/testbed/kcm-versions`, on the
+/// kube-apiserver of the same version, the helper installs (the seed's flags fitted to that
+/// binary's `--help`) and the rendered unit's command line runs and serves. Every version
+/// is tried; the failures are reported together.
 #[tokio::test]
 async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
-    let bed = bed().await;
+    let mut failed = Vec::new();
+    for version in e2e::apitier::kcm_matrix() {
+        println!("=== kube-controller-manager {version}");
+        if let Err(e) = tokio::spawn(installs_and_serves(version)).await {
+            println!("=== kube-controller-manager {version}: FAILED");
+            failed.push(format!("{version}: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "the version matrix failed for:\n{}", failed.join("\n"));
+}
+
+async fn installs_and_serves(version: &'static str) {
+    let bed = bed_of(version).await;
     let done = install::install(&bed.helper, &host(&bed), &bed.spec, NODE, STEP, Duration::from_secs(60)).await.expect("install");
     println!("installed: serial {} kcm {} warnings {:?} changed {:?}", done.cert.serial_hex, done.kcm_version, done.warnings, done.changed);
+    assert_eq!(done.kcm_version, version.parse().unwrap(), "the binary's --version");
     assert_eq!(done.changed.len(), 4, "{:?}", done.changed);
 
     let p = &bed.spec.paths;
@@ -167,7 +194,7 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
         .unwrap();
     let served = String::from_utf8_lossy(&served.stdout).trim().trim_start_matches("serial=").to_ascii_lowercase();
     assert_eq!(served.trim_start_matches('0'), cert.serial_hex.to_ascii_lowercase().trim_start_matches('0'), "served serial");
-    println!("kcm answered ok on {url}, serving serial {served}");
+    println!("kcm {version} answered ok on {url}, serving serial {served}");
     kcm.kill().await.ok();
 
     // The CSR is Approved and Issued by our signer.
@@ -184,6 +211,40 @@ async fn helper_installs_and_kcm_serves_with_the_issued_certificate() {
     set_steps(&bed.api.client(), &[(NODE, "test-rev-2", Some(STEP))]).await;
     install::install(&bed.helper, &host(&bed), &bed.spec, NODE, "test-rev-2", Duration::from_secs(60)).await.expect("second install");
     assert!(Path::new(&format!("{}.prev", p.cert)).exists());
+}
+
+/// The flag table (`kcm_operator::flags`) against the real `--help` of each matrix
+/// binary: a flag it keeps is listed, a flag it drops, refuses or renames away is not, and
+/// a rename's new name is.
+#[test]
+fn the_flag_table_agrees_with_each_kcm_help() {
+    let mut wrong = Vec::new();
+    for version in e2e::apitier::kcm_matrix() {
+        let kcm = e2e::apitier::k8s_bin_of(version, "kube-controller-manager").unwrap_or_else(|e| panic!("{e:#}"));
+        let out = std::process::Command::new(&kcm).arg("--help").output().expect("kube-controller-manager --help");
+        let listed = flags::parse_help(&String::from_utf8_lossy(&out.stdout));
+        assert!(listed.len() > 100, "{version}: --help lists only {} flags", listed.len());
+        let v: KcmVersion = version.parse().unwrap();
+        let mut fates = Vec::new();
+        for name in flags::ruled_flags() {
+            let value = if name == "port" { "0" } else { "1" };
+            let (fate, ok) = match flags::translate(&[Flag::new(name, value)], v, None) {
+                Ok(t) if t.flags.is_empty() => ("dropped", !listed.contains(name)),
+                Ok(t) if t.flags[0].name == name => ("kept", listed.contains(name)),
+                Ok(t) => ("renamed", !listed.contains(name) && listed.contains(&t.flags[0].name)),
+                Err(_) => ("refused", !listed.contains(name)),
+            };
+            fates.push(format!("{name}:{fate}"));
+            if !ok {
+                wrong.push(format!(
+                    "{version}: --{name} is {fate} by the table, but --help {} it",
+                    if listed.contains(name) { "lists" } else { "does not list" }
+                ));
+            }
+        }
+        println!("{version}: {} flags in --help; {}", listed.len(), fates.join(" "));
+    }
+    assert!(wrong.is_empty(), "the flag table disagrees with --help:\n{}", wrong.join("\n"));
 }
 
 /// Creates a CSR for our signer as `client` for step `revision` and waits for the signer's verdict.

@@ -28,7 +28,11 @@ use serde_json::json;
 /// The Kubernetes version the test bed built (testbed.sh writes it to $KCM_STATE/k8s-version;
 /// it differs only where stock kind images were pulled).
 fn k8s_version() -> String {
-    std::fs::read_to_string(state_dir().join("k8s-version")).map(|s| s.trim().to_string()).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "v1.33.13".into())
+    std::fs::read_to_string(state_dir().join("k8s-version"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| e2e::apitier::k8s_version().into())
 }
 /// The debootstrapped Debian image the test bed imports into docker and into every node.
 const BASE_IMAGE: &str = "kcm-testbed/debian:bookworm";

@@ -6,8 +6,8 @@
 //!
 //! Binaries (built by `e2e/testbed/build-k8s.sh`):
 //! - kube-apiserver: `$KCM_APISERVER_BIN`, else `$KCM_K8S_BIN_DIR/kube-apiserver`,
-//!   else `${KCM_CACHE:-/var/cache/kcm-operator}/k8s-v1.33.13/bin/kube-apiserver`
-//! - etcd: `$KCM_ETCD_BIN`, else `$KCM_CACHE/etcd-v3.5.24/bin/etcd`, else the
+//!   else `${KCM_CACHE:-/var/cache/kcm-operator}/k8s-<K8S_VERSION>/bin/kube-apiserver`
+//! - etcd: `$KCM_ETCD_BIN`, else `$KCM_CACHE/etcd-<ETCD_VERSION>/bin/etcd`, else the
 //!   newest `$KCM_CACHE/etcd-*/bin/etcd`
 //!
 //! Set `KCM_APITIER_KEEP=1` to keep the temp dir (certs, logs, etcd data)
@@ -35,10 +35,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use procs::Proc;
 pub use util::{apply_yaml, poll, wait_for};
 
-/// Kubernetes version of the default binary directory.
-pub const K8S_VERSION: &str = "v1.33.13";
-/// Preferred etcd version (kubeadm's pin for 1.33).
-pub const ETCD_VERSION: &str = "v3.5.24";
+/// A pinned version of the test bed (`e2e/testbed/versions.env`: `K8S_VERSION`,
+/// `ETCD_VERSION`, `KIND_VERSION`). The file is the one place they are set.
+pub fn pinned(key: &str) -> &'static str {
+    include_str!("../../testbed/versions.env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+        .unwrap_or_else(|| panic!("e2e/testbed/versions.env sets no {key}"))
+}
+
+/// Kubernetes version of the default binary directory (the kind cluster's).
+pub fn k8s_version() -> &'static str {
+    pinned("K8S_VERSION")
+}
+
+/// Preferred etcd version (kubeadm's pin for [`k8s_version`]).
+pub fn etcd_version() -> &'static str {
+    pinned("ETCD_VERSION")
+}
 /// `--service-account-issuer` and `--api-audiences` of the test apiserver.
 pub const SA_ISSUER: &str = "https://kubernetes.default.svc";
 /// `--service-cluster-ip-range` of the test apiserver.
@@ -56,12 +72,24 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("KCM_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/kcm-operator"))
 }
 
-/// `$KCM_K8S_BIN_DIR`, else `$KCM_CACHE/k8s-v1.33.13/bin` (may not exist).
+/// The kube-controller-manager versions of the version matrix, oldest first
+/// (`e2e/testbed/kcm-versions`, which `e2e/run.sh test` builds from).
+pub fn kcm_matrix() -> Vec<&'static str> {
+    include_str!("../../testbed/kcm-versions").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect()
+}
+
+/// A binary of one matrix `version`: `$KCM_CACHE/k8s-<version>/bin/<name>`.
+pub fn k8s_bin_of(version: &str, name: &str) -> Result<PathBuf> {
+    let how = format!("build it with K8S_VERSION={version} K8S_COMPONENTS=\"kube-apiserver kube-controller-manager\"");
+    existing(cache_dir().join(format!("k8s-{version}")).join("bin").join(name), name, &how)
+}
+
+/// `$KCM_K8S_BIN_DIR`, else `$KCM_CACHE/k8s-<K8S_VERSION>/bin` (may not exist).
 pub fn k8s_bin_dir() -> PathBuf {
     std::env::var_os("KCM_K8S_BIN_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join(format!("k8s-{K8S_VERSION}")).join("bin"))
+        .unwrap_or_else(|| cache_dir().join(format!("k8s-{}", k8s_version())).join("bin"))
 }
 
 fn existing(path: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
@@ -86,14 +114,14 @@ pub fn apiserver_bin() -> Result<PathBuf> {
     }
 }
 
-/// etcd binary (`$KCM_ETCD_BIN`, `$KCM_CACHE/etcd-v3.5.24/bin/etcd`, or the
+/// etcd binary (`$KCM_ETCD_BIN`, `$KCM_CACHE/etcd-<ETCD_VERSION>/bin/etcd`, or the
 /// newest `$KCM_CACHE/etcd-*/bin/etcd`).
 pub fn etcd_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KCM_ETCD_BIN").filter(|v| !v.is_empty()) {
         return existing(PathBuf::from(p), "etcd", "from KCM_ETCD_BIN");
     }
     let cache = cache_dir();
-    let preferred = cache.join(format!("etcd-{ETCD_VERSION}")).join("bin").join("etcd");
+    let preferred = cache.join(format!("etcd-{}", etcd_version())).join("bin").join("etcd");
     if preferred.is_file() {
         return Ok(preferred);
     }
@@ -140,11 +168,13 @@ pub struct ApiServerOptions {
     pub extra_apiserver_args: Vec<String>,
     /// How long to wait for `/readyz`. Default 60 s.
     pub ready_timeout: Duration,
+    /// This kube-apiserver instead of [`apiserver_bin`]'s (another version's).
+    pub apiserver_bin: Option<PathBuf>,
 }
 
 impl Default for ApiServerOptions {
     fn default() -> Self {
-        ApiServerOptions { extra_apiserver_args: Vec::new(), ready_timeout: Duration::from_secs(60) }
+        ApiServerOptions { extra_apiserver_args: Vec::new(), ready_timeout: Duration::from_secs(60), apiserver_bin: None }
     }
 }
 
@@ -219,7 +249,10 @@ impl ApiServer {
     /// Like [`ApiServer::start`] with extra apiserver flags / timeout.
     pub async fn start_with(opts: ApiServerOptions) -> Result<ApiServer> {
         let t0 = Instant::now();
-        let apiserver_bin = apiserver_bin()?;
+        let apiserver_bin = match &opts.apiserver_bin {
+            Some(bin) => bin.clone(),
+            None => apiserver_bin()?,
+        };
         let etcd_bin = etcd_bin()?;
         let tempdir = tempfile::Builder::new().prefix("kcm-apitier-").tempdir().context("creating temp dir")?;
         let dir = tempdir.path().to_path_buf();
@@ -501,6 +534,9 @@ async fn launch(
         ("--secure-port", api_port.to_string()),
         ("--bind-address", "127.0.0.1".into()),
         ("--advertise-address", "127.0.0.1".into()),
+        // No Endpoints for the `kubernetes` Service: nothing here reaches it, and since 1.37
+        // the endpoint reconciler refuses a loopback advertise address.
+        ("--endpoint-reconciler-type", "none".into()),
         ("--cert-dir", p("apiserver-certs")),
         ("--tls-cert-file", p("apiserver.crt")),
         ("--tls-private-key-file", p("apiserver.key")),

@@ -322,7 +322,7 @@ fn row(measure: &str, how: &str, setup: bool, ours: Result<Vec<f64>>, kcm: Resul
              without kubectl's GET). Latency: create call start to status.certificate seen on one watch of all CSRs; one CSR per signer first, \
              not counted.",
             build(),
-            crate::apitier::K8S_VERSION
+            crate::apitier::k8s_version()
         )
     } else {
         format!("Setup as in \"1 {SEQ}\".")

@@ -61,7 +61,7 @@ pub async fn run(key: &str) -> Vec<Row> {
 /// kind cluster (a run of API-tier scenarios only), the API tier's.
 pub async fn kubernetes_version() -> String {
     if !crate::kind::kubeconfig_path().exists() {
-        return format!("{} (API tier; no kind cluster)", crate::apitier::K8S_VERSION);
+        return format!("{} (API tier; no kind cluster)", crate::apitier::k8s_version());
     }
     match crate::kind::client().await.apiserver_version().await {
         Ok(v) => v.git_version,

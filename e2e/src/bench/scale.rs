@@ -191,7 +191,7 @@ impl SimHelper {
                     report.failed_revision = None;
                     report.cert_serial = Some(serial());
                     report.not_after = Some(rfc3339(Timestamp::now().as_second() + self.validity_secs));
-                    report.kcm_version = Some(crate::apitier::K8S_VERSION.into());
+                    report.kcm_version = Some(crate::apitier::k8s_version().into());
                     report.unit_active = true;
                     report.healthy = true;
                     unsent_step = Some(t);
