@@ -282,6 +282,18 @@ pub async fn await_healthy(c: &kube::Client, masters: &[String], since: f64, wit
     }
 }
 
+/// Steady state: 3/3 healthy with a leader (see [`all_healthy`]) and nothing rolling out
+/// (the CR's Progressing is False).
+pub async fn steady(c: &kube::Client, masters: &[String]) -> Result<(), String> {
+    all_healthy(c, masters, 0.0).await?;
+    let (_, s) = cr(c).await.ok_or("no CR")?;
+    if s.conditions.iter().any(|x| x.type_ == "Progressing" && x.status == "False") {
+        Ok(())
+    } else {
+        Err("a rollout is under way (Progressing is not False)".into())
+    }
+}
+
 /// The node containers of the kind cluster (`kcm-control-plane*`), for diagnostics.
 fn node_containers() -> Vec<String> {
     let (_, out) = sh(Command::new("docker").args(["ps", "--filter", "name=kcm-control-plane", "--format", "{{.Names}}"]));
@@ -290,14 +302,17 @@ fn node_containers() -> Vec<String> {
     v
 }
 
-/// A Deployment of two pause pods (tolerating every taint, image already on the nodes): kcm's
-/// deployment and replicaset controllers must give it a ReplicaSet and two Pods (seed 2.4).
+/// A Deployment of two idle pods (tolerating every taint; the test bed's base image, present
+/// on every node whatever the Kubernetes version): kcm's deployment and replicaset controllers
+/// must give it a ReplicaSet and two Pods (seed 2.4).
 pub fn probe_deployment() -> k8s_openapi::api::apps::v1::Deployment {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": "probe"},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "probe"}},
-                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "imagePullPolicy": "Never"}],
-                 "tolerations": [{"operator": "Exists"}]}}}
+                 "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {
+                     "containers": [{"name": "c", "image": "kcm-testbed/debian:bookworm", "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}],
+                     "terminationGracePeriodSeconds": 1,
+                     "tolerations": [{"operator": "Exists"}]}}}
     }))
     .expect("a valid Deployment")
 }

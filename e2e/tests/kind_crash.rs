@@ -28,16 +28,7 @@ const CRASH_AT: &str = "/run/kcm-node-helper.crash-at";
 const JOURNAL: &str = node_helper::journal::DEFAULT_PATH;
 
 async fn wait_all_healthy(c: &kube::Client, masters: &[String], within: Duration, what: &str) -> String {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < within {
-        match all_healthy(c, masters, 0.0).await {
-            Ok(leader) => return leader,
-            Err(why) => last = why,
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("{what}: not 3/3 healthy with a leader within {within:?}; last: {last}\n{}", diagnostics());
+    e2e::kind::await_healthy(c, masters, 0.0, within).await.unwrap_or_else(|why| panic!("{what}: {why}\n{}", diagnostics()))
 }
 
 /// Restarts of the helper container on `node` (DaemonSet pod).

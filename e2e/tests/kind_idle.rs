@@ -92,12 +92,7 @@ async fn steady_state_costs_only_lease_reads() {
     let c = client().await;
     let masters = masters(&c).await;
     // Steady: 3/3 healthy with a leader, nothing rolling out.
-    let steady = e2e::apitier::poll("steady state", Duration::from_secs(240), || async {
-        all_healthy(&c, &masters, 0.0).await.ok()?;
-        let (_, s) = cr(&c).await?;
-        s.conditions.iter().any(|x| x.type_ == "Progressing" && x.status == "False").then_some(())
-    })
-    .await;
+    let steady = e2e::apitier::poll("steady state", Duration::from_secs(240), || async { e2e::kind::steady(&c, &masters).await.ok() }).await;
     assert!(steady.is_some(), "never steady (3/3 healthy, not progressing)\n{}", diagnostics());
     let since = now_secs();
     // Every process logs its rate once a minute: after 130 s each has logged one line whose

@@ -136,16 +136,7 @@ async fn tick(since: Instant) {
 }
 
 async fn wait_healthy(c: &kube::Client, masters: &[String], since: f64, within: Duration, what: &str) -> String {
-    let t0 = Instant::now();
-    let mut last = String::new();
-    while t0.elapsed() < within {
-        match all_healthy(c, masters, since).await {
-            Ok(leader) => return leader,
-            Err(why) => last = why,
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("{what}: not 3/3 healthy with a leader within {within:?}; last: {last}\n{}", diagnostics());
+    e2e::kind::await_healthy(c, masters, since, within).await.unwrap_or_else(|why| panic!("{what}: {why}\n{}", diagnostics()))
 }
 
 /// A helper is applying a target the node has not reached (nor failed) yet.

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{Row, Series, Summary};
-use crate::kind::{all_healthy, client, cr, masters, now_secs, on_node, operator_lease, rate_lines, Rate};
+use crate::kind::{client, masters, now_secs, on_node, operator_lease, rate_lines, steady, Rate};
 
 /// Long enough for two whole rate minutes per process inside it.
 pub const WINDOW_SECS: u64 = 190;
@@ -98,16 +98,6 @@ fn total_and_polls(rates: &[Rate]) -> (f64, Vec<String>) {
     let total = rates.iter().map(|r| r.2).sum();
     let polls = rates.iter().filter(|(v, r, n)| (v == "GET" || v == "LIST") && r != "leases" && *n > 0.0).map(|(v, r, n)| format!("{v} {r}={n}")).collect();
     (total, polls)
-}
-
-async fn steady(c: &kube::Client, masters: &[String]) -> Result<(), String> {
-    all_healthy(c, masters, 0.0).await?;
-    let (_, s) = cr(c).await.ok_or("no CR")?;
-    if s.conditions.iter().any(|x| x.type_ == "Progressing" && x.status == "False") {
-        Ok(())
-    } else {
-        Err("a rollout is under way (Progressing is not False)".into())
-    }
 }
 
 pub async fn run() -> Vec<Row> {
