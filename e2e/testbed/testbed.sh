@@ -48,7 +48,7 @@ HOST_PKGS=(docker.io containerd runc debootstrap iproute2 iptables jq ca-certifi
 
 BASE_IMAGE=kcm-testbed/debian:$SUITE
 NODE_IMAGE=${KCM_NODE_IMAGE:-kcm-testbed/node:$K8S_VERSION}
-STOCK_NODE_IMAGE=${KCM_STOCK_NODE_IMAGE:-kindest/node:v1.34.0}
+STOCK_NODE_IMAGE=${KCM_STOCK_NODE_IMAGE:-kindest/node:v1.35.0}
 HELLO_IMAGE=kcm-testbed/hello:v1
 
 export DOCKER_BUILDKIT=0   # the legacy builder is enough (COPY only) and needs no buildx plugin

@@ -41,7 +41,7 @@ enum Cmd {
         cr: PathBuf,
         #[arg(long)]
         node_ip: IpAddr,
-        #[arg(long, default_value = "v1.34.4")]
+        #[arg(long, default_value = "v1.35.4")]
         kcm_version: String,
         /// CA certificate to embed; a placeholder is printed without it.
         #[arg(long)]
