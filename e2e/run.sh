@@ -18,7 +18,7 @@ export CARGO_TERM_COLOR=never
 mkdir -p "$KCM_CACHE" "$KCM_STATE"
 TESTBED="$HERE/testbed/testbed.sh"
 # The pinned versions (versions.env), each overridable from the environment.
-set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$HERE/testbed/versions.env")"; set +a
+source "$HERE/testbed/versions.sh"
 STATIC_TARGET=x86_64-unknown-linux-gnu
 
 log() { printf '[run %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }

@@ -5,7 +5,7 @@
 # etcd nor kind: the version matrix needs only kube-apiserver and kube-controller-manager.
 set -euo pipefail
 # The pinned versions (versions.env), each overridable from the environment.
-set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$(dirname "${BASH_SOURCE[0]}")/versions.env")"; set +a
+source "$(dirname "${BASH_SOURCE[0]}")/versions.sh"
 CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 staging_v="v0.${K8S_VERSION#v1.}"

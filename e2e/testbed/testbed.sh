@@ -22,7 +22,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
 # The pinned versions (versions.env), each overridable from the environment.
-set -a; eval "$(sed -n 's/^\([A-Z0-9_]*\)=\(.*\)$/\1=${\1:-\2}/p' "$HERE/versions.env")"; set +a
+source "$HERE/versions.sh"
 export CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}   # v1.33.x is not on this machine's Go proxy (403)
 export KCM_CACHE=${KCM_CACHE:-/var/cache/kcm-operator}
 CACHE=$KCM_CACHE

@@ -78,18 +78,20 @@ pub fn kcm_matrix() -> Vec<&'static str> {
     include_str!("../../testbed/kcm-versions").lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect()
 }
 
+/// Where build-k8s.sh puts the binaries of Kubernetes `version`: `$KCM_CACHE/k8s-<version>/bin`.
+fn cached_bin_dir(version: &str) -> PathBuf {
+    cache_dir().join(format!("k8s-{version}")).join("bin")
+}
+
 /// A binary of one matrix `version`: `$KCM_CACHE/k8s-<version>/bin/<name>`.
 pub fn k8s_bin_of(version: &str, name: &str) -> Result<PathBuf> {
     let how = format!("build it with K8S_VERSION={version} K8S_COMPONENTS=\"kube-apiserver kube-controller-manager\"");
-    existing(cache_dir().join(format!("k8s-{version}")).join("bin").join(name), name, &how)
+    existing(cached_bin_dir(version).join(name), name, &how)
 }
 
 /// `$KCM_K8S_BIN_DIR`, else `$KCM_CACHE/k8s-<K8S_VERSION>/bin` (may not exist).
 pub fn k8s_bin_dir() -> PathBuf {
-    std::env::var_os("KCM_K8S_BIN_DIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join(format!("k8s-{}", k8s_version())).join("bin"))
+    std::env::var_os("KCM_K8S_BIN_DIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| cached_bin_dir(k8s_version()))
 }
 
 fn existing(path: PathBuf, what: &str, how: &str) -> Result<PathBuf> {
