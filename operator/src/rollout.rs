@@ -185,18 +185,62 @@ pub struct Facts<'a> {
     pub now: i64,
 }
 
+/// How a master counts for availability, from its report (see [`availability_blocker`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serving {
+    /// Runs our kcm, and its fresh report says it answers /healthz.
+    Up,
+    /// Runs our kcm, and its fresh report says it does not answer /healthz: already down.
+    Down,
+    /// Runs our kcm, but no fresh report: it may be down.
+    Unknown,
+    /// Runs no kcm of ours (kubeadm's static pod, or none yet): not ours to count.
+    Foreign,
+}
+
+/// How `n` counts for availability at `now`.
+pub fn serving(n: &NodeStatus, now: i64) -> Serving {
+    match (n.applied_revision.is_some(), fresh(n, now), n.healthy) {
+        (false, _, _) => Serving::Foreign,
+        (true, false, _) => Serving::Unknown,
+        (true, true, true) => Serving::Up,
+        (true, true, false) => Serving::Down,
+    }
+}
+
+/// The availability rule, the one place every kind of step (spec, renewal, repair) asks:
+/// a step may take `next` down unless `next` is down already; then every other selected
+/// master that runs our kcm must be up (fresh and healthy). `Some((blocker, why))`: the
+/// first other master that is down or unknown, and why `next` waits for it. A master
+/// whose kcm is already down is never blocked: repairing it takes nothing down.
+pub fn availability_blocker(nodes: &[NodeStatus], next: &NodeStatus, now: i64) -> Option<(String, String)> {
+    if serving(next, now) == Serving::Down {
+        return None;
+    }
+    nodes.iter().filter(|n| n.name != next.name).find_map(|n| {
+        let state = match serving(n, now) {
+            Serving::Down => "is not healthy",
+            Serving::Unknown => "has no fresh report",
+            Serving::Up | Serving::Foreign => return None,
+        };
+        Some((n.name.clone(), format!("{} {state}; {} waits", n.name, next.name)))
+    })
+}
+
 /// Decides the next step.
 ///
 /// - One step at a time: while a master applies its target, wait.
 /// - A spec revision that failed and was rolled back stops the rollout (repairs too: they
 ///   would apply the same spec) until the spec changes.
 /// - Then repair: a master that runs our kcm and whose fresh report shows a problem
-///   (unhealthy, drift, expired certificate) gets a repair step, one at a time, the one
-///   with the fewest problems first (closest to healthy), the kcm leader's master last.
-///   A failed repair is retried after a backoff. Healthy masters are not touched meanwhile.
-/// - Otherwise spec changes and due renewals, the leader's master last, and only while every
-///   other master that runs our kcm is healthy and reports (a healthy master is never taken
-///   down while another is unhealthy or unknown).
+///   (unhealthy, drift, expired certificate) gets a repair step, one at a time: masters
+///   whose kcm is down first (they are down already), the kcm leader's master last, then
+///   the one with the fewest problems (closest to healthy). A failed repair is retried
+///   after a backoff.
+/// - Otherwise spec changes and due renewals, the leader's master last.
+/// - Every step obeys [`availability_blocker`]: a master whose kcm is up is never taken
+///   down (for a spec change, a renewal or a repair of drift) while another master that
+///   runs our kcm is down or unknown.
 pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     if spec.paused {
         return Decision::Paused;
@@ -225,10 +269,9 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         }
     }
 
-    let ours = |n: &NodeStatus| n.applied_revision.is_some();
     let mut broken: Vec<(&NodeStatus, Vec<String>)> =
-        nodes.iter().filter(|n| ours(n) && fresh(n, now)).map(|n| (n, problems(n, now))).filter(|(_, p)| !p.is_empty()).collect();
-    broken.sort_by_key(|(n, p)| (p.len(), is_leader(n), n.name.clone()));
+        nodes.iter().filter(|n| matches!(serving(n, now), Serving::Up | Serving::Down)).map(|n| (n, problems(n, now))).filter(|(_, p)| !p.is_empty()).collect();
+    broken.sort_by_key(|(n, p)| (serving(n, now) != Serving::Down, is_leader(n), p.len(), n.name.clone()));
     let mut backing_off = None;
     for (n, p) in &broken {
         let failed_repair = n.target_revision.is_some() && n.failed_revision == n.target_revision;
@@ -238,6 +281,14 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
                 backing_off.get_or_insert((n.name.clone(), format!("repair failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at))));
                 continue;
             }
+        }
+        // A healthy master with drift waits for the others; the blocker blocks every later
+        // (healthy) entry too, so the first blocked one ends the search.
+        if let Some((node, why)) = availability_blocker(&nodes, n, now) {
+            return match backing_off {
+                Some((node, reason)) => Decision::Backoff { node, reason },
+                None => Decision::Wait { node, why },
+            };
         }
         return Decision::Go { node: n.name.clone(), revision: repair_revision(&rev, now), why: format!("repair: {}", p.join("; ")) };
     }
@@ -272,10 +323,8 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
             why = format!("certificate {serial} renewed {}s early, in the leader's round, before the leader's", (at - now).max(0));
         }
     }
-    // Never two masters without kcm: every other master that runs our kcm must report, healthy.
-    if let Some(down) = nodes.iter().find(|n| n.name != next.name && ours(n) && !(fresh(n, now) && n.healthy)) {
-        let state = if fresh(down, now) { "is not healthy" } else { "has no fresh report" };
-        return Decision::Wait { node: down.name.clone(), why: format!("{} {state}; {} waits", down.name, next.name) };
+    if let Some((node, why)) = availability_blocker(&nodes, next, now) {
+        return Decision::Wait { node, why };
     }
     Decision::Go { node: next.name.clone(), revision, why }
 }
@@ -797,6 +846,180 @@ mod tests {
         let mut st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
         st[2].drift = vec!["/etc/kubernetes/kcm/kube-controller-manager.pem: changed".into()];
         assert!(matches!(run(&s, &st, None), Decision::Go { node, .. } if node == "m3"));
+    }
+
+    /// What one master can be, for the exhaustive check of [`decide`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Case {
+        /// Runs the spec's revision, healthy.
+        Current,
+        /// Runs an older spec, healthy: wants the spec.
+        Old,
+        /// Runs the spec's revision, kcm down.
+        Down,
+        /// Ran our kcm; its helper has not reported for 10 minutes.
+        Stale,
+        /// No KcmNode status at all.
+        NoReport,
+        /// Its helper reports; no kcm of ours yet (kubeadm's, or none).
+        Foreign,
+        /// Healthy, but a file drifted.
+        Drifted,
+        /// Healthy by /healthz, but its certificate expired.
+        Expired,
+        /// A step under way.
+        UnderWay,
+        /// The spec's revision failed here and was rolled back (healthy again).
+        FailedSpec,
+        /// Down, and its last repair failed 10 s ago: backing off.
+        FailedRepair,
+    }
+    const CASES: [Case; 11] = [
+        Case::Current,
+        Case::Old,
+        Case::Down,
+        Case::Stale,
+        Case::NoReport,
+        Case::Foreign,
+        Case::Drifted,
+        Case::Expired,
+        Case::UnderWay,
+        Case::FailedSpec,
+        Case::FailedRepair,
+    ];
+
+    fn master(name: &str, c: Case, rev: &str) -> NodeStatus {
+        let mut n = done(name, rev);
+        match c {
+            Case::Current => {}
+            Case::Old => n = done(name, "old"),
+            Case::Down => (n.healthy, n.unit_active) = (false, false),
+            Case::Stale => n.observed_at = Some(at(NOW - 600)),
+            Case::NoReport => n = NodeStatus { name: name.into(), ..Default::default() },
+            Case::Foreign => n = reported(name),
+            Case::Drifted => n.drift = vec!["/etc/kubernetes/kcm/kcm.pem: changed since the helper wrote it".into()],
+            Case::Expired => n.not_after = Some(at(NOW - 10)),
+            Case::UnderWay => {
+                n = done(name, "old");
+                n.target_revision = Some(rev.into());
+            }
+            Case::FailedSpec => {
+                n = done(name, "old");
+                n.target_revision = Some(rev.into());
+                n.failed_revision = Some(rev.into());
+            }
+            Case::FailedRepair => {
+                let r = repair_revision(rev, NOW - 10);
+                (n.healthy, n.unit_active) = (false, true);
+                n.target_revision = Some(r.clone());
+                n.failed_revision = Some(r);
+            }
+        }
+        n
+    }
+
+    /// Every combination of `count` masters over [`CASES`], with each choice of leader
+    /// (none, or any master): `check` gets the masters, their states, the leader, and the decision.
+    fn every_cluster(count: usize, check: &mut dyn FnMut(&[NodeStatus], &[Case], Option<&str>, &Decision)) -> usize {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let names: Vec<String> = (1..=count).map(|i| format!("m{i}")).collect();
+        let mut seen = 0;
+        for code in 0..CASES.len().pow(count as u32) {
+            let cases: Vec<Case> = (0..count).map(|i| CASES[code / CASES.len().pow(i as u32) % CASES.len()]).collect();
+            let st: Vec<NodeStatus> = names.iter().zip(&cases).map(|(n, c)| master(n, *c, &rev)).collect();
+            for leader in std::iter::once(None).chain(names.iter().map(|n| Some(n.as_str()))) {
+                let d = decide(&s, &Facts { masters: &names, status: &st, leader, ca_not_after: None, now: NOW });
+                check(&st, &cases, leader, &d);
+                seen += 1;
+            }
+        }
+        seen
+    }
+
+    /// The class of work a master is in when a step may go to it (the leader's master is
+    /// last within its class): 0 a repair of a master that is down, 1 a repair of a healthy
+    /// one (drift, expiry), 2 a spec change or renewal. `None`: nothing to give it now.
+    fn class(s: &KubeControllerManagerSpec, n: &NodeStatus, c: Case) -> Option<u8> {
+        let rev = spec_revision(s);
+        match (serving(n, NOW), problems(n, NOW).is_empty()) {
+            _ if c == Case::FailedRepair => None, // backing off
+            (Serving::Down, false) => Some(0),
+            (Serving::Up, false) => Some(1),
+            _ if fresh(n, NOW) && wanted(s, &rev, n, None, NOW).is_some() => Some(2),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_cluster_of_3_and_4_masters_keeps_the_availability_invariants() {
+        let s = spec();
+        for count in [3, 4] {
+            let mut violations: Vec<String> = Vec::new();
+            let seen = every_cluster(count, &mut |st, cases, leader, d| {
+                let mut bad = |what: &str| {
+                    if violations.len() < 20 {
+                        violations.push(format!("{what}: {cases:?} leader {leader:?} -> {d:?}"));
+                    }
+                };
+                let under_way = cases.contains(&Case::UnderWay);
+                let stop = cases.contains(&Case::FailedSpec);
+                if under_way && !matches!(d, Decision::Wait { .. }) {
+                    bad("no step while another is under way");
+                }
+                if let Decision::Go { node, .. } = d {
+                    let i = st.iter().position(|n| &n.name == node).expect("a master");
+                    let next = &st[i];
+                    if !fresh(next, NOW) {
+                        bad("a step for a master without a fresh report");
+                    }
+                    // Never a master that is up taken down while another is down or unknown.
+                    if serving(next, NOW) != Serving::Down
+                        && st.iter().any(|o| o.name != next.name && matches!(serving(o, NOW), Serving::Down | Serving::Unknown))
+                    {
+                        bad("a master taken down while another is down or unknown");
+                    }
+                    // The leader's master last within its class of work.
+                    if leader == Some(node.as_str()) {
+                        let mine = class(&s, next, cases[i]);
+                        if st.iter().zip(cases).any(|(o, c)| o.name != next.name && class(&s, o, *c).is_some() && class(&s, o, *c) == mine) {
+                            bad("the leader's master before a follower with the same work");
+                        }
+                    }
+                }
+                // A master that is down can always be repaired (unless a step is under way,
+                // or the spec is known bad and stops everything).
+                let repairable = st.iter().zip(cases).any(|(n, c)| serving(n, NOW) == Serving::Down && *c != Case::FailedRepair);
+                if repairable && !under_way && !stop {
+                    let to_down = matches!(d, Decision::Go { node, revision, .. }
+                        if revision.contains("/repair-") && st.iter().any(|n| &n.name == node && serving(n, NOW) == Serving::Down));
+                    if !to_down {
+                        bad("a master that is down is not repaired");
+                    }
+                }
+            });
+            assert_eq!(seen, CASES.len().pow(count as u32) * (count + 1));
+            assert!(violations.is_empty(), "{count} masters, {seen} clusters checked:\n{}", violations.join("\n"));
+        }
+    }
+
+    #[test]
+    fn a_drifted_healthy_master_waits_while_another_is_down() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        // m1 healthy with drift, m2 down: m2 is repaired first, m1 waits for it.
+        let st = vec![master("m1", Case::Drifted, &rev), master("m2", Case::Down, &rev), master("m3", Case::Current, &rev)];
+        let d = run(&s, &st, Some("m3"));
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m2" && revision.contains("/repair-")), "{d:?}");
+        // m2's repair is backing off: m1 still waits (Backoff reported, not a Go).
+        let st = vec![master("m1", Case::Drifted, &rev), master("m2", Case::FailedRepair, &rev), master("m3", Case::Current, &rev)];
+        assert!(matches!(run(&s, &st, None), Decision::Backoff { node, .. } if node == "m2"));
+        // m2 repaired: now m1.
+        let st = vec![master("m1", Case::Drifted, &rev), master("m2", Case::Current, &rev), master("m3", Case::Current, &rev)];
+        assert!(matches!(run(&s, &st, None), Decision::Go { node, .. } if node == "m1"));
+        // m2 unknown: m1's drift waits too.
+        let st = vec![master("m1", Case::Drifted, &rev), master("m2", Case::Stale, &rev), master("m3", Case::Current, &rev)];
+        assert!(matches!(run(&s, &st, None), Decision::Wait { node, why } if node == "m2" && why.contains("no fresh report")));
     }
 
     #[test]
