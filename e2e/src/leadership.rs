@@ -462,3 +462,126 @@ impl Drop for Planted {
         self.remove_all();
     }
 }
+
+/// Probe results by master: `(time, up)` in the order probed.
+pub type HealthSamples = BTreeMap<String, Vec<(f64, bool)>>;
+
+/// How often [`HealthWatch`] probes each master's kcm.
+pub const HEALTH_PERIOD: Duration = Duration::from_millis(100);
+
+/// kcm's `/healthz` on every master, probed from the test host at about 10 Hz (one task per
+/// master on a thread and runtime of its own), the way the helper probes it: at the node's
+/// address and the unit's secure port, verified with the cluster CA, 3 s timeout. A master
+/// counts as up only while its kcm answers 200 there: a unit that is active but whose kcm
+/// does not serve yet is down.
+pub struct HealthWatch {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<HealthSamples>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HealthWatch {
+    /// Starts probing `masters` (their InternalIPs from the API; port and CA from the CR).
+    pub async fn start(c: &kube::Client, masters: &[String]) -> HealthWatch {
+        let (kcm, _) = crate::kind::cr(c).await.expect("the CR");
+        let port = kcm.spec.kcm.secure_port;
+        let (ok, ca_pem) = on_node(&masters[0], &format!("cat {}", kcm.spec.paths.ca_cert));
+        assert!(ok, "reading the cluster CA {} on {}: {ca_pem}", kcm.spec.paths.ca_cert, masters[0]);
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone());
+        let mut targets = Vec::new();
+        for m in masters {
+            let n = nodes.get(m).await.unwrap_or_else(|e| panic!("reading Node {m}: {e}"));
+            let ip = kcm_operator::pki::NodeIdentity::from_node(&n).unwrap_or_else(|e| panic!("addresses of {m}: {e}")).primary_ip();
+            targets.push((m.clone(), ip));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples: Arc<Mutex<HealthSamples>> = Arc::new(Mutex::new(BTreeMap::new()));
+        let (s, out) = (stop.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("health watcher runtime");
+            rt.block_on(futures::future::join_all(targets.into_iter().map(|(m, ip)| {
+                let (s, out, ca_pem) = (s.clone(), out.clone(), ca_pem.clone());
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(WATCH_MAX_SECS);
+                    while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        let up = node_helper::probe::healthz(ip, port, &ca_pem, Duration::from_secs(3)).await.is_ok_and(|h| h.ok());
+                        out.lock().unwrap().entry(m.clone()).or_default().push((now_secs(), up));
+                        if let Some(rest) = HEALTH_PERIOD.checked_sub(t0.elapsed()) {
+                            tokio::time::sleep(rest).await;
+                        }
+                    }
+                }
+            })));
+        });
+        HealthWatch { stop, samples, thread: Some(thread) }
+    }
+
+    /// The most masters whose kcm did not answer /healthz at one moment in [from, to], and
+    /// the first moment it was so, with who was down (see [`most_down`]).
+    pub fn most_down(&self, from: f64, to: f64) -> (usize, f64, Vec<String>) {
+        most_down(&self.samples.lock().unwrap(), from, to)
+    }
+
+    /// Panics unless every master was probed within the last 4 s (a blind watcher proves nothing).
+    pub fn assert_fresh(&self, what: &str, masters: &[String]) {
+        let now = now_secs();
+        let g = self.samples.lock().unwrap();
+        for m in masters {
+            let last = g.get(m).and_then(|v| v.last()).map_or(f64::NEG_INFINITY, |s| s.0);
+            assert!(now - last < 4.0, "{what}: kcm's /healthz on {m} last probed {:.1}s ago: the availability figures would be blind", now - last);
+        }
+    }
+}
+
+impl Drop for HealthWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// From per-master probe results `(time, up)`: the most masters down at one moment in
+/// [from, to], the first moment it was reached, and who was down then. Each master is in the
+/// state of its latest probe (from before `from` too); a master not probed yet counts as down.
+pub fn most_down(samples: &HealthSamples, from: f64, to: f64) -> (usize, f64, Vec<String>) {
+    let mut state: BTreeMap<&str, bool> = samples.iter().map(|(m, v)| (m.as_str(), v.iter().rev().find(|s| s.0 <= from).is_some_and(|s| s.1))).collect();
+    let down = |st: &BTreeMap<&str, bool>| st.iter().filter(|(_, up)| !**up).map(|(m, _)| m.to_string()).collect::<Vec<_>>();
+    let mut events: Vec<(f64, &str, bool)> =
+        samples.iter().flat_map(|(m, v)| v.iter().filter(|s| s.0 > from && s.0 <= to).map(move |s| (s.0, m.as_str(), s.1))).collect();
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut worst = (down(&state).len(), from, down(&state));
+    for (t, m, up) in events {
+        state.insert(m, up);
+        let d = down(&state);
+        if d.len() > worst.0 {
+            worst = (d.len(), t, d);
+        }
+    }
+    worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_down_counts_overlaps_not_samples() {
+        let s: HealthSamples = [
+            ("a".to_string(), vec![(0.0, true), (1.0, false), (3.0, true)]),
+            ("b".to_string(), vec![(0.5, true), (2.5, false), (4.0, true)]),
+            ("c".to_string(), vec![(0.2, true)]),
+        ]
+        .into();
+        // a down in [1, 3), b down in [2.5, 4): both at 2.5.
+        assert_eq!(most_down(&s, 0.6, 10.0), (2, 2.5, vec!["a".to_string(), "b".to_string()]));
+        // Only a's outage in [0.6, 2]: one at a time.
+        assert_eq!(most_down(&s, 0.6, 2.0).0, 1);
+        // The state before `from` counts: from 2.6 on, a is still down until 3.0 (b too).
+        assert_eq!(most_down(&s, 2.6, 2.9), (2, 2.6, vec!["a".to_string(), "b".to_string()]));
+        // Not probed before `from`: down.
+        assert_eq!(most_down(&s, 0.1, 0.15).0, 2);
+    }
+}

@@ -1,23 +1,34 @@
-//! A helper killed in the middle of a step (issue 8, crash-safe steps), on kind (3
-//! control-plane nodes), on the cluster kind_rescue.rs leaves: our kcm 3/3 under systemd.
+//! A helper killed in the middle of a step (crash-safe steps), on kind (3 control-plane
+//! nodes), on the cluster kind_rescue.rs leaves: our kcm 3/3 under systemd.
 //!
-//! Three times, on one master each: the helper is told (the test hook file
+//! Five times, on one master each: the helper is told (the test hook file
 //! `/run/kcm-node-helper.crash-at`, see node-helper/src/journal.rs) to SIGKILL itself at one
 //! point of a step, and the step is started by deleting that master's kcm certificate (drift:
 //! the operator gives the master a repair step, which gets a new key and certificate):
 //! - `key-written` on a follower: after the new key is written, before the certificate;
 //! - `unit-stopped` on the leader: after `systemctl stop`, before the Lease hand-off and start;
-//! - `unit-written` on the other follower: after every file is written, before the restart.
+//! - `unit-written` on the other follower: after every file is written, before the restart;
+//! - `step-applied`: after the step ended healthy (journal marked applied), before the report;
+//! - `step-reported`: after the report, before the journal is removed.
 //!
 //! Each time: the helper container restarts (the kill happened), the new helper resumes the
-//! journaled step, and the master ends healthy with the step applied; its key, certificate
-//! and kubeconfig belong together and kcm serves that certificate; exactly one certificate
-//! was issued for the step; kubeadm's manifest stays moved aside; no journal and no `.prev`
-//! file is left. Sampled every second meanwhile: never two masters without an active kcm.
+//! journaled step (or, past its end, only reports it), and the master ends healthy with the
+//! step applied; kcm was started exactly once for the step (systemd's journal: a finished
+//! step is never redone); its key, certificate and kubeconfig belong together and kcm serves
+//! that certificate; exactly one certificate was issued for the step; kubeadm's manifest stays
+//! moved aside; the journal goes and no `.prev` file is left.
+//!
+//! Then a drift repair while another master is down: with the CR paused, kcm is stopped on one
+//! follower and the certificate of the other is deleted; unpaused, the down master is repaired
+//! first and the drifted one only after.
+//!
+//! Throughout, kcm's `/healthz` on every master is probed at 10 Hz ([`HealthWatch`]): a master
+//! counts as up only while its kcm answers; the most masters down at once is asserted to be 1.
 
 use std::time::{Duration, Instant};
 
-use e2e::kind::{all_healthy, client, cr, diagnostics, masters, now_secs, on_node, pod_node, pods_with_app, unit_active};
+use e2e::kind::{all_healthy, client, cr, diagnostics, masters, now_secs, on_node, patch_cr, pod_node, pods_with_app};
+use e2e::leadership::{HealthWatch, PatchGuard};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kcm_operator::api::{KcmNode, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, SIGNER_NAME};
 use kcm_operator::pki::{self, CertInfo};
@@ -45,7 +56,7 @@ fn read_on(node: &str, path: &str) -> String {
 }
 
 /// Kills the helper on `target` at `point` of a repair step, and checks how the step ends.
-async fn crash_at(c: &kube::Client, masters: &[String], target: &str, point: &str) {
+async fn crash_at(c: &kube::Client, masters: &[String], health: &HealthWatch, target: &str, point: &str) {
     let (kcm, _) = cr(c).await.expect("the CR");
     let paths = kcm.spec.paths.clone();
     let kcm_nodes = Api::<KcmNode>::all(c.clone());
@@ -53,22 +64,17 @@ async fn crash_at(c: &kube::Client, masters: &[String], target: &str, point: &st
     let applied_before = kcm_nodes.get(target).await.expect("the target's KcmNode").status.and_then(|s| s.applied_revision);
     let restarts_before = helper_restarts(c, target).await;
     let _disarm = Disarm(target.to_string());
-    let (ok, out) = on_node(target, &format!("echo {point} > {CRASH_AT} && rm -f {}", paths.cert));
+    let from = now_secs();
+    let (ok, out) = on_node(target, &format!("date +%s && echo {point} > {CRASH_AT} && rm -f {}", paths.cert));
     assert!(ok, "arming {point} on {target}: {out}");
+    let node_t0: u64 = out.trim().parse().unwrap_or_else(|_| panic!("the node's clock on {target}: {out:?}"));
     let t0 = Instant::now();
-    let mut fewest_active = masters.len();
     let mut applied = None;
     while t0.elapsed() < Duration::from_secs(300) {
         let sample = Instant::now();
-        let active = masters.iter().filter(|m| unit_active(m)).count();
-        fewest_active = fewest_active.min(active);
-        assert!(
-            active >= masters.len() - 1,
-            "{point}: {active} of {} masters run kcm at +{:.0}s\n{}",
-            masters.len(),
-            t0.elapsed().as_secs_f64(),
-            diagnostics()
-        );
+        health.assert_fresh(point, masters);
+        let (down, at, who) = health.most_down(from, now_secs());
+        assert!(down <= 1, "{point}: {down} masters without a kcm answering /healthz at once (+{:.1}s: {who:?})\n{}", at - from, diagnostics());
         // Done: the helper was killed and restarted, and its KcmNode shows a new repair applied.
         let me = kcm_nodes.get(target).await.ok();
         let (target_rev, st) =
@@ -87,8 +93,16 @@ async fn crash_at(c: &kube::Client, masters: &[String], target: &str, point: &st
     let revision = applied.unwrap_or_else(|| panic!("{point}: the repair of {target} did not end healthy within 300s\n{}", diagnostics()));
     let took = t0.elapsed().as_secs_f64();
     let restarts = helper_restarts(c, target).await - restarts_before;
-    println!("{point} on {target}: helper killed ({restarts} container restart), step {revision} applied and 3/3 healthy after {took:.1}s; fewest masters running kcm meanwhile: {fewest_active}");
+    let (down, _, _) = health.most_down(from, now_secs());
+    println!("{point} on {target}: helper killed ({restarts} container restart), step {revision} applied and 3/3 healthy after {took:.1}s; most masters down at once (/healthz): {down}");
     assert_eq!(restarts, 1, "{point}: the helper on {target} was killed once (container restarts)");
+    assert_eq!(down, 1, "{point}: the repair took {target}'s kcm down once, and no other with it");
+    // kcm was started once for the step: a resumed step restarts it once, a finished one is
+    // never redone (systemd's journal on the node, since the step was armed).
+    let unit = std::path::Path::new(&paths.unit).file_name().and_then(|n| n.to_str()).expect("unit file name").to_string();
+    let (_, started) = on_node(target, &format!("journalctl -u {unit} -o cat --no-pager --since @{node_t0} | grep '^Started ' || true"));
+    let starts = started.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(starts, 1, "{point}: kcm on {target} started {starts} times for the step:\n{started}");
     assert!(!on_node(target, &format!("test -e {CRASH_AT}")).0, "{point}: the hook fired and removed itself");
 
     // The master's files belong together, and kcm serves the certificate on disk.
@@ -119,7 +133,17 @@ async fn crash_at(c: &kube::Client, masters: &[String], target: &str, point: &st
     assert!(!on_node(target, &format!("test -e {}", paths.static_pod_manifest)).0, "{point}: kubeadm's kcm manifest stays moved aside on {target}");
     let adopted = node_helper::step::adopted_path(&kcm.spec).unwrap();
     assert!(on_node(target, &format!("test -s {adopted}")).0, "{point}: kubeadm's manifest kept at {adopted} on {target}");
-    assert!(!on_node(target, &format!("test -e {JOURNAL}")).0, "{point}: no journal left on {target}");
+    // The journal goes once the report is in the API (just after it): bounded wait.
+    let journal_gone = Instant::now();
+    while on_node(target, &format!("test -e {JOURNAL}")).0 {
+        let (_, j) = on_node(target, &format!("cat {JOURNAL}"));
+        assert!(journal_gone.elapsed() < Duration::from_secs(30), "{point}: the journal on {target} outlived its reported step by 30s:\n{j}");
+        assert!(
+            !j.contains("PRIVATE KEY") || !j.contains(&format!("\"{revision}\"")),
+            "{point}: the journal of the applied step {revision} still holds its key:\n{j}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let prevs = on_node(target, &format!("ls {0}.prev {1}.prev {2}.prev {3}.prev 2>/dev/null", paths.key, paths.cert, paths.kubeconfig, paths.unit)).1;
     assert!(prevs.trim().is_empty(), "{point}: .prev files left on {target}: {prevs}");
 }
@@ -133,18 +157,98 @@ impl Drop for Disarm {
     }
 }
 
+/// A drift repair while another master is down: the CR paused, kcm stopped on `down`, the
+/// certificate deleted on `drifted`; unpaused: `down` is repaired first, `drifted` after.
+async fn drift_while_down(c: &kube::Client, masters: &[String], health: &HealthWatch, down: &str, drifted: &str) {
+    let (kcm, _) = cr(c).await.expect("the CR");
+    let kcm_nodes = Api::<KcmNode>::all(c.clone());
+    let mut unpause = PatchGuard { patch: None };
+    unpause.arm(serde_json::json!({"spec": {"paused": false}}));
+    patch_cr(c, &serde_json::json!({"spec": {"paused": true}})).await.expect("pausing the CR");
+    let (ok, out) = on_node(down, "systemctl stop kube-controller-manager");
+    assert!(ok, "stopping kcm on {down}: {out}");
+    let (ok, out) = on_node(drifted, &format!("rm -f {}", kcm.spec.paths.cert));
+    assert!(ok, "deleting the certificate on {drifted}: {out}");
+    // Both reported (paused: the helpers report, no step is given).
+    let t0 = Instant::now();
+    loop {
+        let st = |n: Option<KcmNode>| n.and_then(|n| n.status).unwrap_or_default();
+        let (d, x) = (st(kcm_nodes.get(down).await.ok()), st(kcm_nodes.get(drifted).await.ok()));
+        if !d.healthy && !x.drift.is_empty() && x.healthy {
+            println!("drift while down: {down} reports kcm down, {drifted} healthy with drift {:?} after {:.1}s (paused)", x.drift, t0.elapsed().as_secs_f64());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "reports of {down} (healthy {}) and {drifted} (drift {:?}) within 90s\n{}",
+            d.healthy,
+            x.drift,
+            diagnostics()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let from = now_secs();
+    patch_cr(c, &serde_json::json!({"spec": {"paused": false}})).await.expect("unpausing the CR");
+    unpause.disarm();
+    let repair_of = |n: &KcmNode| n.spec.target_revision.as_ref().map(|r| r.to_string()).filter(|r| r.contains("/repair-"));
+    let applied = |n: &KcmNode| n.status.as_ref().and_then(|s| s.applied_revision.clone());
+    let target = |n: &KcmNode| n.spec.target_revision.as_ref().map(|r| r.to_string());
+    let before_down = kcm_nodes.get(down).await.ok().and_then(|n| applied(&n));
+    let before_drifted = kcm_nodes.get(drifted).await.ok().and_then(|n| applied(&n));
+    let target_before = kcm_nodes.get(drifted).await.ok().and_then(|n| target(&n));
+    let mut down_done: Option<f64> = None;
+    let t0 = Instant::now();
+    loop {
+        health.assert_fresh("drift while down", masters);
+        let (most, at, who) = health.most_down(from, now_secs());
+        assert!(most <= 1, "drift while down: {most} masters without a kcm answering /healthz at once (+{:.1}s: {who:?})\n{}", at - from, diagnostics());
+        let (d, x) = (kcm_nodes.get(down).await.expect("KcmNode"), kcm_nodes.get(drifted).await.expect("KcmNode"));
+        let d_done = repair_of(&d).is_some_and(|r| Some(&r) == applied(&d).as_ref() && applied(&d) != before_down);
+        // The drifted master's repair is given only once the down one's has ended.
+        if repair_of(&x).is_some() && target(&x) != target_before {
+            assert!(down_done.is_some() || d_done, "drift while down: {drifted} was given its repair before {down}'s ended: {down} {:?}", d.status);
+        }
+        if d_done {
+            down_done.get_or_insert(now_secs());
+        }
+        let x_done = repair_of(&x).is_some_and(|r| Some(&r) == applied(&x).as_ref() && applied(&x) != before_drifted);
+        if d_done && x_done && all_healthy(c, masters, from).await.is_ok() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(240), "drift while down: both repairs within 240s\n{}", diagnostics());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (most, _, _) = health.most_down(from, now_secs());
+    println!(
+        "drift while down: {down} repaired first (+{:.1}s), then {drifted}; 3/3 healthy after {:.1}s; most masters down at once (/healthz): {most}",
+        down_done.unwrap_or(from) - from,
+        now_secs() - from
+    );
+    assert_eq!(most, 1, "drift while down: {down} was down; nothing else went down with it");
+}
+
 #[tokio::test]
 async fn a_helper_killed_mid_step_resumes_it() {
     let c = client().await;
     let masters = masters(&c).await;
     assert_eq!(masters.len(), 3, "{masters:?}");
     let leader = wait_all_healthy(&c, &masters, Duration::from_secs(180), "before the kills").await;
+    let health = HealthWatch::start(&c, &masters).await;
     let followers: Vec<String> = masters.iter().filter(|m| **m != leader).cloned().collect();
-    crash_at(&c, &masters, &followers[0], "key-written").await;
+    crash_at(&c, &masters, &health, &followers[0], "key-written").await;
     let leader = wait_all_healthy(&c, &masters, Duration::from_secs(120), "after key-written").await;
-    crash_at(&c, &masters, &leader, "unit-stopped").await;
+    crash_at(&c, &masters, &health, &leader, "unit-stopped").await;
     wait_all_healthy(&c, &masters, Duration::from_secs(120), "after unit-stopped").await;
-    let target = followers[1].clone();
-    crash_at(&c, &masters, &target, "unit-written").await;
-    wait_all_healthy(&c, &masters, Duration::from_secs(120), "after the kills").await;
+    crash_at(&c, &masters, &health, &followers[1], "unit-written").await;
+    wait_all_healthy(&c, &masters, Duration::from_secs(120), "after unit-written").await;
+    crash_at(&c, &masters, &health, &followers[0], "step-applied").await;
+    wait_all_healthy(&c, &masters, Duration::from_secs(120), "after step-applied").await;
+    crash_at(&c, &masters, &health, &followers[1], "step-reported").await;
+    let leader = wait_all_healthy(&c, &masters, Duration::from_secs(120), "after the kills").await;
+    // The drifted master sorts first by name: the old rule (fewest problems, then name) took it
+    // down while the other was down.
+    let mut followers: Vec<String> = masters.iter().filter(|m| **m != leader).cloned().collect();
+    followers.sort();
+    drift_while_down(&c, &masters, &health, &followers[1], &followers[0]).await;
+    wait_all_healthy(&c, &masters, Duration::from_secs(120), "after the drift repair").await;
 }

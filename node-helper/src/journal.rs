@@ -8,7 +8,13 @@
 //!
 //! A helper that finds a journal for the revision it is told to apply resumes the step (at
 //! most [`MAX_ATTEMPTS`] times); for any other revision, or none, it rolls the step back.
-//! The journal is removed once the step ended, healthy or rolled back.
+//!
+//! A step that ended healthy is not forgotten at once: first its `.prev` files go and the
+//! journal is rewritten as `applied` (the report to send; the key and the request are
+//! dropped, so no private key stays in it), then the report is sent, and only then is the
+//! journal removed. A helper killed between the two finds an applied journal: it sends that
+//! report again (or, when the target moved on, just removes it); it never redoes, resumes or
+//! rolls back a step that finished. A rolled-back step's journal is removed at once.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +26,7 @@ pub const DEFAULT_PATH: &str = "/etc/kubernetes/kcm-node-helper.step.json";
 pub const MAX_ATTEMPTS: u32 = 3;
 
 /// What a step is doing, as recorded on the host.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Journal {
     pub revision: String,
@@ -36,6 +42,9 @@ pub struct Journal {
     /// Set before kubeadm's static pod manifest is moved aside.
     #[serde(default)]
     pub adopting: bool,
+    /// The step ended healthy: the report to send (kept until it is in the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<kcm_operator::api::KcmNodeStatus>,
 }
 
 /// A certificate request of a step, journaled before the CSR is created.
@@ -54,9 +63,15 @@ pub enum Recovery {
     Resume,
     /// Put the host back as the journal says it was, then forget the step.
     RollBack { why: String },
+    /// The step ended healthy and only its report may be missing: send it (when the step is
+    /// still the target), then forget the step. Nothing on the host changes.
+    Applied,
 }
 
 pub fn recovery(journal: &Journal, target: Option<&str>) -> Recovery {
+    if journal.applied.is_some() {
+        return Recovery::Applied;
+    }
     match target {
         Some(t) if t == journal.revision && journal.attempts < MAX_ATTEMPTS => Recovery::Resume,
         Some(t) if t == journal.revision => Recovery::RollBack { why: format!("the helper stopped {} times in the middle of step {t}", journal.attempts) },
@@ -132,6 +147,17 @@ mod tests {
     fn another_revision_or_none_rolls_back() {
         assert!(matches!(recovery(&journal("r1", 1), Some("r2")), Recovery::RollBack { why } if why.contains("r2")));
         assert!(matches!(recovery(&journal("r1", 1), None), Recovery::RollBack { .. }));
+    }
+
+    #[test]
+    fn an_applied_step_is_never_resumed_nor_rolled_back() {
+        let mut j = journal("r1", 2);
+        j.applied = Some(kcm_operator::api::KcmNodeStatus { applied_revision: Some("r1".into()), ..Default::default() });
+        for target in [Some("r1"), Some("r2"), None] {
+            assert_eq!(recovery(&j, target), Recovery::Applied, "target {target:?}");
+        }
+        j.attempts = MAX_ATTEMPTS;
+        assert_eq!(recovery(&j, Some("r1")), Recovery::Applied, "past the attempts too: it finished");
     }
 
     #[test]

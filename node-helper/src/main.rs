@@ -320,12 +320,31 @@ impl Helper {
         let (client, host) = (&self.client, &self.host);
         let journal = node_helper::journal::JournalFile::new(host, &self.journal)?;
         let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: self.csr_wait, journal: &journal };
+        // A step starts from what the API says now, not from the watch's view: a helper that
+        // just took the host lock from another (a rescue helper) may not have seen that one's
+        // report yet, and must not do its finished step again. One GET per step.
+        let confirmed = match kcm_node.pending().filter(|_| !spec.paused) {
+            Some(_) => Some(kube::Api::<KcmNode>::all(self.client.clone()).get(node_name).await.with_context(|| format!("reading KcmNode {node_name}"))?),
+            None => None,
+        };
+        let pending = confirmed.as_ref().and_then(|n| n.pending());
         // A step an earlier helper was killed in, and that is not the one asked for now, is
-        // rolled back before anything else.
-        let pending = kcm_node.pending().filter(|_| !spec.paused);
-        if let Some(why) = step.recover(spec, pending).await? {
-            tracing::warn!(node = node_name, "interrupted step rolled back: {why}");
-        }
+        // rolled back before anything else. A journal that does not parse is reported and
+        // left where it is: no step runs until an admin moves it aside.
+        let journal_note = match step.recover(spec, pending).await {
+            Ok(Some(why)) => {
+                tracing::warn!(node = node_name, "interrupted step rolled back: {why}");
+                Some(format!("interrupted step rolled back: {why}"))
+            }
+            Ok(None) => None,
+            Err(node_helper::step::StepError::Host(e @ node_helper::host::HostError::Invalid { .. })) => {
+                tracing::error!(node = node_name, "{e}: no step runs until it is moved aside");
+                Some(format!("step journal {e}: no step runs until it is moved aside (it may hold the key of an interrupted step)"))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let journal_bad = journal_note.as_deref().is_some_and(|m| m.starts_with("step journal"));
+        let pending = pending.filter(|_| !journal_bad);
         // What is reported stays as it was unless this look changes it.
         let keep = Report { observed_at: None, drift: Vec::new(), operator_pod_error: None, ..me.clone() };
         let this_node = self.stores.node.get(&ObjectRef::new(node_name));
@@ -380,10 +399,15 @@ impl Helper {
         .context("checking the files for drift")?;
         report.file_hashes = hashes;
         report.drift = drift;
+        if let Some(note) = journal_note {
+            report.message = Some(note);
+        }
         report.operator_pod_error = operator_pod_error;
         self.metrics.report(&report);
         let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS) || me.observed_at.is_none();
         if !due {
+            // Sent already: an applied step's journal left by a failed removal goes now.
+            step.reported(self.last.as_ref().and_then(|(_, r)| r.applied_revision.as_deref()))?;
             return Ok(());
         }
         if !report.drift.is_empty() {
@@ -396,6 +420,8 @@ impl Helper {
             .patch_status(node_name, &pp, &kube::api::Patch::Apply(report_body(node_name, &sent)))
             .await
             .with_context(|| format!("reporting on KcmNode {node_name}"))?;
+        // The report of an applied step is in the API: its journal can go.
+        step.reported(sent.applied_revision.as_deref())?;
         self.last = Some((now.as_second(), report));
         Ok(())
     }

@@ -80,8 +80,14 @@ impl Node<'_> {
     pub async fn apply(&self, spec: &KubeControllerManagerSpec, target: &Revision) -> Result<Report, StepError> {
         let revision = target.to_string();
         let revision = revision.as_str();
+        let found = self.journal.load()?;
+        if let Some(report) = found.as_ref().filter(|j| j.revision == revision).and_then(|j| j.applied.clone()) {
+            // It ended healthy before an earlier helper could report it: report it, redo nothing.
+            tracing::info!(node = self.name, revision, "the step had ended healthy before the helper stopped: reporting it");
+            return Ok(report);
+        }
         let prepared = install::prepare(self.client, self.host, spec, self.name).await?;
-        let mut j = match self.journal.load()? {
+        let mut j = match found {
             Some(mut j) if j.revision == revision => {
                 if let Recovery::RollBack { why } = journal::recovery(&j, Some(revision)) {
                     self.roll_back(spec, &j).await;
@@ -93,7 +99,8 @@ impl Node<'_> {
                 j
             }
             other => {
-                if let Some(stale) = other {
+                // A finished step of another revision has nothing to roll back.
+                if let Some(stale) = other.filter(|j| j.applied.is_none()) {
                     tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
                     self.roll_back(spec, &stale).await;
                 }
@@ -104,11 +111,22 @@ impl Node<'_> {
         let result = self.run_step(spec, target, &prepared, &mut j).await;
         match result {
             Ok(report) => {
-                // Healthy: the previous versions and the journal are no longer needed.
+                // Healthy: the previous versions are no longer needed, nor the journaled key.
+                // The journal stays, as `applied`, until the report is in the API
+                // ([`Node::reported`]).
                 for hp in prepared.paths.written() {
                     self.host.forget_previous(hp)?;
                 }
-                self.journal.remove()?;
+                j.request = None;
+                j.applied = Some(report.clone());
+                if let Err(e) = self.journal.save(&j) {
+                    // Never leave the journaled key behind: without the marker, a helper
+                    // killed before the report applies the step again (idempotent, no new
+                    // certificate).
+                    tracing::error!(node = self.name, "marking the step applied in its journal: {e}; removing the journal");
+                    self.journal.remove()?;
+                }
+                journal::crash_point(self.host, "step-applied");
                 Ok(report)
             }
             Err(e) => {
@@ -117,6 +135,16 @@ impl Node<'_> {
                 Err(e)
             }
         }
+    }
+
+    /// The report of an applied step is in the API: its journal goes.
+    pub fn reported(&self, applied_revision: Option<&str>) -> Result<(), StepError> {
+        let Some(j) = self.journal.load()? else { return Ok(()) };
+        if j.applied.is_some() && applied_revision == Some(j.revision.as_str()) {
+            journal::crash_point(self.host, "step-reported");
+            self.journal.remove()?;
+        }
+        Ok(())
     }
 
     /// A new step's journal: the state before it. A `.prev` left from an earlier step is
@@ -128,7 +156,7 @@ impl Node<'_> {
             files.push((hp.host.display().to_string(), self.host.read_optional(hp)?.is_some()));
         }
         let was_active = self.systemd.state().await?.is_active();
-        Ok(Journal { revision: revision.into(), attempts: 1, was_active, files, request: None, adopting: false })
+        Ok(Journal { revision: revision.into(), attempts: 1, was_active, files, request: None, adopting: false, applied: None })
     }
 
     /// Whether this step rewrote or created the file (on any attempt).
@@ -180,9 +208,18 @@ impl Node<'_> {
         let pending = pending.as_deref();
         let Some(j) = self.journal.load()? else { return Ok(None) };
         if pending == Some(j.revision.as_str()) {
-            return Ok(None); // apply() resumes it
+            return Ok(None); // apply() resumes it, or reports it when it ended
         }
-        let Recovery::RollBack { why } = journal::recovery(&j, pending) else { return Ok(None) };
+        let why = match journal::recovery(&j, pending) {
+            Recovery::RollBack { why } => why,
+            Recovery::Resume => return Ok(None),
+            Recovery::Applied => {
+                // It ended healthy, and the target has moved on since: nothing to undo.
+                tracing::info!(node = self.name, revision = %j.revision, "removing the journal of a step that had ended healthy");
+                self.journal.remove()?;
+                return Ok(None);
+            }
+        };
         tracing::warn!(node = self.name, "{why}: rolling back");
         self.roll_back(spec, &j).await;
         self.journal.remove()?;

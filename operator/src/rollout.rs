@@ -920,7 +920,9 @@ mod tests {
 
     /// Every combination of `count` masters over [`CASES`], with each choice of leader
     /// (none, or any master): `check` gets the masters, their states, the leader, and the decision.
-    fn every_cluster(count: usize, check: &mut dyn FnMut(&[NodeStatus], &[Case], Option<&str>, &Decision)) -> usize {
+    type Check<'a> = dyn FnMut(&[NodeStatus], &[Case], Option<&str>, &Decision) + 'a;
+
+    fn every_cluster(count: usize, check: &mut Check<'_>) -> usize {
         let s = spec();
         let rev = spec_revision(&s);
         let names: Vec<String> = (1..=count).map(|i| format!("m{i}")).collect();
