@@ -227,6 +227,29 @@ pub async fn pods_with_app(c: &kube::Client, app: &str) -> Vec<Pod> {
         .unwrap_or_default()
 }
 
+/// Restarts of the helper container on `node` (its DaemonSet pod).
+pub async fn helper_restarts(c: &kube::Client, node: &str) -> i32 {
+    let pods = pods_with_app(c, kcm_operator::api::HELPER_APP).await;
+    let pod = pods.iter().find(|p| pod_node(p).as_deref() == Some(node)).unwrap_or_else(|| panic!("no helper pod on {node}"));
+    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.first()).map_or(0, |c| c.restart_count)
+}
+
+/// The helper's test hook (node-helper/src/journal.rs `crash_point`): a host file naming the
+/// point of a step where the helper SIGKILLs itself.
+pub const CRASH_AT: &str = "/run/kcm-node-helper.crash-at";
+
+/// Removes the hook file [`CRASH_AT`] from these nodes when dropped, also when a test fails
+/// before a helper consumed it (a hook left armed would kill a helper in a later test).
+pub struct Disarm(pub Vec<String>);
+
+impl Drop for Disarm {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            on_node(n, &format!("rm -f {CRASH_AT}"));
+        }
+    }
+}
+
 /// Whether a pod's Ready condition is True.
 pub fn pod_ready(p: &Pod) -> bool {
     p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))

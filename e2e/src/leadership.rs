@@ -467,60 +467,86 @@ impl Drop for Planted {
 pub type HealthSamples = BTreeMap<String, Vec<(f64, bool)>>;
 
 /// How often [`HealthWatch`] probes each master's kcm.
-pub const HEALTH_PERIOD: Duration = Duration::from_millis(100);
+pub const HEALTH_PERIOD_SECS: &str = "0.1";
+/// kubeadm's kcm static pod serves /healthz here, inside the node (`--bind-address=127.0.0.1`).
+pub const KUBEADM_KCM_HEALTHZ: &str = "https://127.0.0.1:10257/healthz";
 
-/// kcm's `/healthz` on every master, probed from the test host at about 10 Hz (one task per
-/// master on a thread and runtime of its own), the way the helper probes it: at the node's
-/// address and the unit's secure port, verified with the cluster CA, 3 s timeout. A master
-/// counts as up only while its kcm answers 200 there: a unit that is active but whose kcm
-/// does not serve yet is down.
+/// kcm's `/healthz` on every master at about 10 Hz, probed inside the node (a loop in the
+/// node container, read line by line, as the MainPID watcher): ours at the node's address and
+/// the CR's secure port, else kubeadm's static pod at [`KUBEADM_KCM_HEALTHZ`]. A master counts
+/// as up only while one of them answers 200 within 3 s (the helper's probe timeout): an active unit whose kcm does not
+/// serve yet is down, and a master still on kubeadm's kcm is up while that one serves.
 pub struct HealthWatch {
-    stop: Arc<AtomicBool>,
     samples: Arc<Mutex<HealthSamples>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    children: Vec<Child>,
+    nodes: Vec<String>,
+    pidfile: String,
 }
 
 impl HealthWatch {
-    /// Starts probing `masters` (their InternalIPs from the API; port and CA from the CR).
+    /// Starts probing `masters` (their InternalIPs from the API; the port from the CR).
     pub async fn start(c: &kube::Client, masters: &[String]) -> HealthWatch {
         let (kcm, _) = crate::kind::cr(c).await.expect("the CR");
         let port = kcm.spec.kcm.secure_port;
-        let (ok, ca_pem) = on_node(&masters[0], &format!("cat {}", kcm.spec.paths.ca_cert));
-        assert!(ok, "reading the cluster CA {} on {}: {ca_pem}", kcm.spec.paths.ca_cert, masters[0]);
         let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(c.clone());
-        let mut targets = Vec::new();
+        let samples: Arc<Mutex<HealthSamples>> = Arc::new(Mutex::new(BTreeMap::new()));
+        let pidfile = format!("/run/kcm-e2e-health-watch.{}", std::process::id());
+        let (mut threads, mut children) = (Vec::new(), Vec::new());
         for m in masters {
             let n = nodes.get(m).await.unwrap_or_else(|e| panic!("reading Node {m}: {e}"));
             let ip = kcm_operator::pki::NodeIdentity::from_node(&n).unwrap_or_else(|e| panic!("addresses of {m}: {e}")).primary_ip();
-            targets.push((m.clone(), ip));
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let samples: Arc<Mutex<HealthSamples>> = Arc::new(Mutex::new(BTreeMap::new()));
-        let (s, out) = (stop.clone(), samples.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("health watcher runtime");
-            rt.block_on(futures::future::join_all(targets.into_iter().map(|(m, ip)| {
-                let (s, out, ca_pem) = (s.clone(), out.clone(), ca_pem.clone());
-                async move {
-                    let deadline = Instant::now() + Duration::from_secs(WATCH_MAX_SECS);
-                    while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let t0 = Instant::now();
-                        let up = node_helper::probe::healthz(ip, port, &ca_pem, Duration::from_secs(3)).await.is_ok_and(|h| h.ok());
-                        out.lock().unwrap().entry(m.clone()).or_default().push((now_secs(), up));
-                        if let Some(rest) = HEALTH_PERIOD.checked_sub(t0.elapsed()) {
-                            tokio::time::sleep(rest).await;
-                        }
-                    }
+            let probe = |url: &str| format!("curl -sk -m 3 -o /dev/null -w '%{{http_code}}' {url} 2>/dev/null");
+            let script = format!(
+                "echo $$ >> {pidfile}; end=$(( $(date +%s) + {WATCH_MAX_SECS} )); while [ $(date +%s) -lt $end ]; do c=$({ours}); [ \"$c\" = 200 ] || c=$({kubeadm}); echo \"$c\" || exit 0; sleep {HEALTH_PERIOD_SECS}; done",
+                ours = probe(&format!("https://{ip}:{port}/healthz")),
+                kubeadm = probe(KUBEADM_KCM_HEALTHZ),
+            );
+            let mut child = Command::new("docker")
+                .args(["exec", m, "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("docker exec {m} (health watcher): {e}"));
+            let out = child.stdout.take().expect("watcher stdout");
+            let (samples, name) = (samples.clone(), m.clone());
+            threads.push(std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let up = line.trim() == "200";
+                    samples.lock().unwrap().entry(name.clone()).or_default().push((now_secs(), up));
                 }
-            })));
-        });
-        HealthWatch { stop, samples, thread: Some(thread) }
+            }));
+            children.push(child);
+        }
+        let w = HealthWatch { samples, threads, children, nodes: masters.to_vec(), pidfile };
+        // Every master probed once before anyone counts (a master not probed yet is down).
+        let t0 = Instant::now();
+        while w.samples.lock().unwrap().len() < masters.len() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the health watchers gave no first probe within 20s: {:?}", w.samples.lock().unwrap().keys());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        w
     }
 
     /// The most masters whose kcm did not answer /healthz at one moment in [from, to], and
     /// the first moment it was so, with who was down (see [`most_down`]).
     pub fn most_down(&self, from: f64, to: f64) -> (usize, f64, Vec<String>) {
         most_down(&self.samples.lock().unwrap(), from, to)
+    }
+
+    /// Whether `node`'s kcm answered its latest probe.
+    pub fn up(&self, node: &str) -> bool {
+        self.samples.lock().unwrap().get(node).and_then(|v| v.last()).is_some_and(|s| s.1)
+    }
+
+    /// Whether `node`'s kcm answered every probe in [from, to] (and was probed in it).
+    pub fn always_up(&self, node: &str, from: f64, to: f64) -> bool {
+        let g = self.samples.lock().unwrap();
+        let v = g.get(node).map(Vec::as_slice).unwrap_or_default();
+        let inside: Vec<bool> = v.iter().filter(|s| s.0 >= from && s.0 <= to).map(|s| s.1).collect();
+        !inside.is_empty() && inside.iter().all(|up| *up)
     }
 
     /// Panics unless every master was probed within the last 4 s (a blind watcher proves nothing).
@@ -536,8 +562,14 @@ impl HealthWatch {
 
 impl Drop for HealthWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for n in &self.nodes {
+            let _ = on_node(n, &format!("if [ -s {f} ]; then kill $(cat {f}) 2>/dev/null; rm -f {f}; fi", f = self.pidfile));
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

@@ -27,26 +27,19 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::kind::{all_healthy, client, cr, diagnostics, masters, now_secs, on_node, patch_cr, pod_node, pods_with_app};
+use e2e::kind::{all_healthy, client, cr, diagnostics, helper_restarts, masters, now_secs, on_node, patch_cr};
 use e2e::leadership::{HealthWatch, PatchGuard};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use kcm_operator::api::{KcmNode, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, HELPER_APP, SIGNER_NAME};
+use kcm_operator::api::{KcmNode, CSR_NODE_LABEL, CSR_REVISION_ANNOTATION, SIGNER_NAME};
 use kcm_operator::pki::{self, CertInfo};
 use kube::api::{Api, ListParams};
 use kube::ResourceExt;
 
-const CRASH_AT: &str = "/run/kcm-node-helper.crash-at";
+use e2e::kind::{Disarm, CRASH_AT};
 const JOURNAL: &str = node_helper::journal::DEFAULT_PATH;
 
 async fn wait_all_healthy(c: &kube::Client, masters: &[String], within: Duration, what: &str) -> String {
     e2e::kind::await_healthy(c, masters, 0.0, within).await.unwrap_or_else(|why| panic!("{what}: {why}\n{}", diagnostics()))
-}
-
-/// Restarts of the helper container on `node` (DaemonSet pod).
-async fn helper_restarts(c: &kube::Client, node: &str) -> i32 {
-    let pods = pods_with_app(c, HELPER_APP).await;
-    let pod = pods.iter().find(|p| pod_node(p).as_deref() == Some(node)).unwrap_or_else(|| panic!("no helper pod on {node}"));
-    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.first()).map_or(0, |c| c.restart_count)
 }
 
 fn read_on(node: &str, path: &str) -> String {
@@ -63,7 +56,7 @@ async fn crash_at(c: &kube::Client, masters: &[String], health: &HealthWatch, ta
     // The step this kill interrupts is a new repair: what was applied before does not count.
     let applied_before = kcm_nodes.get(target).await.expect("the target's KcmNode").status.and_then(|s| s.applied_revision);
     let restarts_before = helper_restarts(c, target).await;
-    let _disarm = Disarm(target.to_string());
+    let _disarm = Disarm(vec![target.to_string()]);
     let from = now_secs();
     let (ok, out) = on_node(target, &format!("date +%s && echo {point} > {CRASH_AT} && rm -f {}", paths.cert));
     assert!(ok, "arming {point} on {target}: {out}");
@@ -146,15 +139,6 @@ async fn crash_at(c: &kube::Client, masters: &[String], health: &HealthWatch, ta
     }
     let prevs = on_node(target, &format!("ls {0}.prev {1}.prev {2}.prev {3}.prev 2>/dev/null", paths.key, paths.cert, paths.kubeconfig, paths.unit)).1;
     assert!(prevs.trim().is_empty(), "{point}: .prev files left on {target}: {prevs}");
-}
-
-/// Removes the hook file, also when the test fails before the helper consumed it.
-struct Disarm(String);
-
-impl Drop for Disarm {
-    fn drop(&mut self) {
-        on_node(&self.0, &format!("rm -f {CRASH_AT}"));
-    }
 }
 
 /// A drift repair while another master is down: the CR paused, kcm stopped on `down`, the

@@ -1,6 +1,10 @@
 //! The seed's section 2 on kind (3 control-plane nodes), from `kubectl apply -k manifests/kind/`:
-//! the operator rolls kcm out under systemd on every master one at a time (kubeadm's kcm
-//! static pod adopted), with certificates issued through the CSR API; then the seed's
+//! adoption under faults first (a first step on a kubeadm master that fails health is rolled
+//! back to kubeadm's kcm; a helper SIGKILLed right after moving kubeadm's static pod aside is
+//! succeeded by one that finishes the step); the operator rolls kcm out under systemd on every
+//! master one at a time (kubeadm's kcm static pod adopted), with certificates issued through
+//! the CSR API, never two masters without a kcm answering /healthz (kubeadm's counted while
+//! it serves; [`HealthWatch`], 10 Hz); then the seed's
 //! checks (2.1-2.5), failover, a flag change rolled out with never two masters down (the
 //! leading operator replica SIGTERMed mid-rollout, another finishes it), and a bad spec
 //! rolled back on the first node while the other two keep running.
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use e2e::apitier::poll;
 use e2e::kind::{client, diagnostics, kubectl, on_node, sh};
+use e2e::leadership::HealthWatch;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -56,36 +61,33 @@ fn unit_active(node: &str) -> bool {
     on_node(node, "systemctl is-active kube-controller-manager").1.trim() == "active"
 }
 
-/// Samples, once a second until `done` or `within`, how many masters have no active kcm unit;
-/// returns the largest number seen at one moment.
-async fn max_down_during<F, Fut>(masters: &[String], within: Duration, mut done: F) -> (usize, Vec<String>)
+/// Until `done` (checked once a second) or `within`: the most masters whose kcm did not
+/// answer /healthz at one moment ([`HealthWatch`], 10 Hz, kubeadm's static pod counted while
+/// it serves), and that moment described.
+async fn max_down_during<F, Fut>(health: &HealthWatch, masters: &[String], within: Duration, mut done: F) -> (usize, String)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    let from = e2e::kind::now_secs();
     let deadline = Instant::now() + within;
-    let (mut worst, mut log) = (0, Vec::new());
+    let worst = |to: f64| {
+        let (n, at, who) = health.most_down(from, to);
+        (n, format!("{n} down at +{:.1}s: {who:?}", at - from))
+    };
     while Instant::now() < deadline {
-        let down: Vec<&String> = masters.iter().filter(|m| !unit_active(m)).collect();
-        if down.len() > worst {
-            worst = down.len();
-        }
-        if !down.is_empty() {
-            log.push(format!("{:?} down at +{}s", down, within.as_secs() - deadline.saturating_duration_since(Instant::now()).as_secs()));
-        }
+        health.assert_fresh("max_down_during", masters);
         if done().await {
-            return (worst, log);
+            return worst(e2e::kind::now_secs());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    panic!("not done within {within:?}; down samples: {log:?}\n{}", diagnostics());
+    panic!("not done within {within:?}; {}\n{}", worst(e2e::kind::now_secs()).1, diagnostics());
 }
 
 #[tokio::test]
 async fn ha_kcm_on_three_masters() {
     let c = client().await;
-    let (ok, out) = e2e::kind::apply_kustomization("manifests/kind/");
-    assert!(ok, "kubectl apply -k manifests/kind/:\n{out}");
     let nodes = Api::<Node>::all(c.clone()).list(&ListParams::default().labels(CONTROL_PLANE_LABEL)).await.unwrap();
     let mut masters: Vec<String> = nodes.items.iter().map(|n| n.metadata.name.clone().unwrap()).collect();
     masters.sort();
@@ -93,8 +95,78 @@ async fn ha_kcm_on_three_masters() {
     let leader_before = kcm_leader(&c).await;
     println!("masters {masters:?}; kcm leader before: {leader_before:?}");
 
-    // Phase 1: the rollout from kubeadm's kcm to ours, one master at a time, leader last.
-    let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || async {
+    // Phase 0: adoption under faults. The CR is made before the install, paused, with a flag
+    // kcm accepts but cannot run with (a lease shorter than the renew deadline); `kubectl
+    // apply -k` then sets what its file has and keeps the rest.
+    let (ok, out) = kubectl(&["apply", "-f", "manifests/base/crd.yaml"]);
+    assert!(ok, "the CRDs: {out}");
+    let (ok, out) = kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/kubecontrollermanagers.kcm.kcm-operator.io",
+        "crd/kcmnodes.kcm.kcm-operator.io",
+    ]);
+    assert!(ok, "the CRDs established: {out}");
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/kind/kubecontrollermanager.yaml")).expect("manifests/kind's CR");
+    let mut bad: KubeControllerManager = serde_yaml::from_str(&file).expect("manifests/kind's CR parses");
+    bad.spec.paused = true;
+    bad.spec.kcm.health_timeout_seconds = 20;
+    bad.spec.kcm.extra_args.insert("leader-elect-lease-duration".into(), "1s".into());
+    Api::<KubeControllerManager>::all(c.clone()).create(&PostParams::default(), &bad).await.expect("creating the CR (a fresh cluster)");
+    let (ok, out) = e2e::kind::apply_kustomization("manifests/kind/");
+    assert!(ok, "kubectl apply -k manifests/kind/:\n{out}");
+    let health = HealthWatch::start(&c, &masters).await;
+    let unpause = serde_json::json!({"spec": {"paused": false}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
+    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(300), || async {
+        let (_, s) = status(&c).await;
+        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+    })
+    .await;
+    let (k, s) = status(&c).await;
+    let failed: Vec<_> = s.nodes.iter().filter(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision).collect();
+    assert_eq!(failed.len(), 1, "adoption: exactly one master tried the unhealthy spec: {:?}", s.nodes);
+    let first = failed[0].name.clone();
+    println!(
+        "phase 0: the first step, on kubeadm's master {first}, failed health and was rolled back: {:?}; most masters down at once: {worst}; {log}",
+        failed[0].message
+    );
+    assert!(worst <= 1, "adoption: two masters without a serving kcm at once: {log}\n{}", diagnostics());
+    // kubeadm's kcm is back on that master: its manifest where kubeadm put it, its kcm serving,
+    // our unit stopped and disabled (it was not running before the step).
+    let manifest = k.spec.paths.static_pod_manifest.clone();
+    assert!(on_node(&first, &format!("test -s {manifest}")).0, "adoption: kubeadm's manifest back at {manifest} on {first}");
+    assert!(!unit_active(&first), "adoption: our unit on {first} is stopped after the rollback");
+    let back = poll("kubeadm's kcm serving again", Duration::from_secs(120), || async { health.up(&first).then_some(()) }).await;
+    assert!(back.is_some(), "adoption: kubeadm's kcm on {first} answers /healthz again after the rollback\n{}", diagnostics());
+    let from = e2e::kind::now_secs();
+    let (n, _, who) = health.most_down(from - 1.0, from);
+    assert_eq!(n, 0, "phase 0: every master serves kcm after the rollback: {who:?}");
+
+    // Phase 1: the spec fixed, the rollout from kubeadm's kcm to ours, one master at a time,
+    // leader last; every helper armed to SIGKILL itself right after it moved kubeadm's static
+    // pod aside: the first one to adopt dies there, its successor finishes the step.
+    let _disarm = e2e::kind::Disarm(masters.clone());
+    let mut restarts_before = BTreeMap::new();
+    for m in &masters {
+        restarts_before.insert(m.clone(), e2e::kind::helper_restarts(&c, m).await);
+        let (ok, out) = on_node(m, &format!("echo static-pod-moved > {}", e2e::kind::CRASH_AT));
+        assert!(ok, "arming static-pod-moved on {m}: {out}");
+    }
+    let fix = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": null, "extraArgs": {"leader-elect-lease-duration": null}}}});
+    Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&fix)).await.unwrap();
+    let killed_on = std::sync::Mutex::new(None::<String>);
+    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(600), || async {
+        // Once one hook fired, the others are disarmed (the next step starts only after it).
+        if killed_on.lock().unwrap().is_none() {
+            if let Some(m) = masters.iter().find(|m| !on_node(m, &format!("test -e {}", e2e::kind::CRASH_AT)).0) {
+                *killed_on.lock().unwrap() = Some(m.clone());
+                for o in masters.iter().filter(|o| *o != m) {
+                    on_node(o, &format!("rm -f {}", e2e::kind::CRASH_AT));
+                }
+            }
+        }
         let (k, s) = status(&c).await;
         let rev = spec_revision(&k.spec);
         masters
@@ -102,7 +174,12 @@ async fn ha_kcm_on_three_masters() {
             .all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str())))
     })
     .await;
-    println!("phase 1: rolled out; at most {worst} master(s) without an active unit at once; {log:?}");
+    let killed_on = killed_on.into_inner().unwrap().expect("a helper reached static-pod-moved");
+    let restarts = e2e::kind::helper_restarts(&c, &killed_on).await - restarts_before[&killed_on];
+    println!("phase 1: rolled out; the helper on {killed_on} killed right after moving kubeadm's static pod aside ({restarts} container restart); most masters down at once (/healthz, kubeadm's kcm counted while it serves): {worst}; {log}");
+    assert_eq!(restarts, 1, "adoption: the helper on {killed_on} was killed once");
+    assert!(worst <= 1, "adoption: two masters without a serving kcm at once: {log}\n{}", diagnostics());
+
     let (k, s) = status(&c).await;
     assert_eq!(s.ready.as_deref(), Some("3/3"), "{s:?}");
     let kcm_paths = k.spec.paths.clone();
@@ -243,7 +320,7 @@ async fn ha_kcm_on_three_masters() {
     // from the old holder's last renewal to the new holder's acquisition.
     let lease_seen =
         std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
-    let (worst, log) = max_down_during(&masters, Duration::from_secs(600), || {
+    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(600), || {
         let c = c.clone();
         let masters = masters.clone();
         let applied_at = applied_at.clone();
@@ -303,8 +380,8 @@ async fn ha_kcm_on_three_masters() {
     let (killed_holder, _) = killed.expect("the leading operator got SIGTERM mid-rollout");
     assert!(operator_holder.is_some_and(|h| h != killed_holder), "another operator replica took the Lease over from {killed_holder}\n{}", diagnostics());
     let applied_at = applied_at.lock().unwrap().clone();
-    println!("flag change: applied at {applied_at:?}; leader {leader}; at most {worst} down at once; {log:?}");
-    assert!(worst <= 1, "two masters without kcm at once: {log:?}");
+    println!("flag change: applied at {applied_at:?}; leader {leader}; most masters down at once (/healthz): {worst}; {log}");
+    assert!(worst <= 1, "two masters without kcm at once: {log}");
     let at_leader = applied_at[&leader];
     assert!(applied_at.iter().all(|(n, t)| *n == leader || *t < at_leader), "the leader's node goes last: {applied_at:?}");
     for m in &masters {
@@ -360,7 +437,7 @@ async fn ha_kcm_on_three_masters() {
     let before: BTreeMap<String, String> = masters.iter().map(|m| (m.clone(), on_node(m, &format!("cat {}", kcm_paths.unit)).1)).collect();
     let patch = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": 20, "extraArgs": {"leader-elect-lease-duration": "1s"}}}});
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let (worst, log) = max_down_during(&masters, Duration::from_secs(180), || async {
+    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(180), || async {
         let (_, s) = status(&c).await;
         s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
     })
@@ -369,8 +446,8 @@ async fn ha_kcm_on_three_masters() {
     let failed: Vec<_> = s.nodes.iter().filter(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision).collect();
     assert_eq!(failed.len(), 1, "exactly one node tried the bad flag: {:?}", s.nodes);
     let bad = failed[0].name.clone();
-    println!("bad flag: {bad} rolled back: {:?}; at most {worst} down at once; {log:?}", failed[0].message);
-    assert!(worst <= 1, "two masters without kcm at once: {log:?}");
+    println!("bad flag: {bad} rolled back: {:?}; most masters down at once (/healthz): {worst}; {log}", failed[0].message);
+    assert!(worst <= 1, "two masters without kcm at once: {log}");
     let healthy_again = poll("the rolled-back node healthy again", Duration::from_secs(60), || async {
         let (_, s) = status(&c).await;
         s.nodes.iter().any(|n| n.name == bad && n.healthy && n.unit_active).then_some(())

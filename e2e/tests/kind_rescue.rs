@@ -273,6 +273,7 @@ async fn rescue_repair_and_drift() {
         assert!(na.is_some_and(|t| (t as f64) < now_secs()), "{b}: the certificate on disk is expired now (notAfter {na:?})");
     }
     let intact_pid = main_pid(&intact);
+    let health = e2e::leadership::HealthWatch::start(&c, &masters).await;
     let break_epoch = now_secs();
     let t0 = Instant::now();
     on_all_nodes(&broken, "systemctl restart kube-controller-manager");
@@ -330,6 +331,9 @@ async fn rescue_repair_and_drift() {
     println!("two broken: back to 3/3 in {:.1}s; new certificate on disk at {cert_new:?}, reported healthy at {healthy_at:?} (+s)", took.as_secs_f64());
     println!("two broken: drift reported: {drift_seen:?}");
     assert!(intact_down.is_empty(), "the healthy master {intact} was down at +{intact_down:?}s while the others were being repaired");
+    let served = health.always_up(&intact, break_epoch, now_secs());
+    println!("two broken: {intact}'s kcm answered /healthz at every probe (10 Hz) while the others were repaired: {served}");
+    assert!(served, "the healthy master {intact}'s kcm stopped answering /healthz while the others were being repaired\n{}", diagnostics());
     assert_eq!(main_pid(&intact), intact_pid, "the healthy master {intact}'s kcm was restarted");
     // One at a time: the second master's new certificate appeared only after the first was
     // reported healthy again (give or take the sampling).

@@ -302,13 +302,24 @@ impl Node<'_> {
     async fn adopt(&self, spec: &KubeControllerManagerSpec, j: &mut Journal) -> Result<(), StepError> {
         let Some(kept) = adopted_path(spec) else { return Ok(()) };
         let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
-        let Some(body) = self.host.read_optional(&manifest)? else { return Ok(()) };
-        let kept = self.host.resolve("adoptedStaticPod", &kept)?;
-        j.adopting = true;
-        self.journal.save(j)?;
-        self.host.write_atomic(&kept, &body, 0o600)?;
-        std::fs::remove_file(&manifest.local).map_err(|source| crate::host::HostError::Io { op: "move aside", path: manifest.local.clone(), source })?;
-        tracing::info!(node = self.name, kept = %kept.host.display(), "kubeadm's kcm static pod moved aside");
+        match self.host.read_optional(&manifest)? {
+            Some(body) => {
+                let kept = self.host.resolve("adoptedStaticPod", &kept)?;
+                j.adopting = true;
+                self.journal.save(j)?;
+                self.host.write_atomic(&kept, &body, 0o600)?;
+                std::fs::remove_file(&manifest.local).map_err(|source| crate::host::HostError::Io {
+                    op: "move aside",
+                    path: manifest.local.clone(),
+                    source,
+                })?;
+                tracing::info!(node = self.name, kept = %kept.host.display(), "kubeadm's kcm static pod moved aside");
+                journal::crash_point(self.host, "static-pod-moved");
+            }
+            // Moved aside by an earlier attempt of this step: its kcm may still be going.
+            None if j.adopting => {}
+            None => return Ok(()),
+        }
         let proc_root = self.host.root().join("proc");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
