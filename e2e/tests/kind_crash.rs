@@ -171,22 +171,25 @@ async fn drift_while_down(c: &kube::Client, masters: &[String], health: &HealthW
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let from = now_secs();
-    patch_cr(c, &serde_json::json!({"spec": {"paused": false}})).await.expect("unpausing the CR");
-    unpause.disarm();
     let repair_of = |n: &KcmNode| n.spec.target_revision.as_ref().map(|r| r.to_string()).filter(|r| r.contains("/repair-"));
     let applied = |n: &KcmNode| n.status.as_ref().and_then(|s| s.applied_revision.clone());
     let target = |n: &KcmNode| n.spec.target_revision.as_ref().map(|r| r.to_string());
     let before_down = kcm_nodes.get(down).await.ok().and_then(|n| applied(&n));
     let before_drifted = kcm_nodes.get(drifted).await.ok().and_then(|n| applied(&n));
     let target_before = kcm_nodes.get(drifted).await.ok().and_then(|n| target(&n));
+    let from = now_secs();
+    patch_cr(c, &serde_json::json!({"spec": {"paused": false}})).await.expect("unpausing the CR");
+    unpause.disarm();
     let mut down_done: Option<f64> = None;
     let t0 = Instant::now();
     loop {
         health.assert_fresh("drift while down", masters);
         let (most, at, who) = health.most_down(from, now_secs());
         assert!(most <= 1, "drift while down: {most} masters without a kcm answering /healthz at once (+{:.1}s: {who:?})\n{}", at - from, diagnostics());
-        let (d, x) = (kcm_nodes.get(down).await.expect("KcmNode"), kcm_nodes.get(drifted).await.expect("KcmNode"));
+        // The drifted one first: when its repair is seen given, the down one's end (which
+        // came before it) is in the read after.
+        let x = kcm_nodes.get(drifted).await.expect("KcmNode");
+        let d = kcm_nodes.get(down).await.expect("KcmNode");
         let d_done = repair_of(&d).is_some_and(|r| Some(&r) == applied(&d).as_ref() && applied(&d) != before_down);
         // The drifted master's repair is given only once the down one's has ended.
         if repair_of(&x).is_some() && target(&x) != target_before {
