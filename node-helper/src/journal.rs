@@ -171,7 +171,14 @@ mod tests {
         j.files = vec![("/etc/kubernetes/a".into(), true)];
         j.request = Some(PendingRequest { csr: "kcm-m1-0a0b".into(), key_pem: "KEY".into() });
         f.save(&j).unwrap();
-        assert_eq!(f.load().unwrap(), Some(j));
+        assert_eq!(f.load().unwrap(), Some(j.clone()));
+        // Marked applied (as a finished step is): the report round-trips, the key is gone.
+        j.request = None;
+        j.applied = Some(kcm_operator::api::KcmNodeStatus { applied_revision: Some("r1".into()), healthy: true, unit_active: true, ..Default::default() });
+        f.save(&j).unwrap();
+        assert_eq!(f.load().unwrap(), Some(j.clone()));
+        let text = std::fs::read_to_string(t.path().join("etc/kubernetes/kcm-node-helper.step.json")).unwrap();
+        assert!(!text.contains("KEY") && text.contains("\"applied\""), "{text}");
         let local = t.path().join("etc/kubernetes/kcm-node-helper.step.json");
         assert_eq!(std::fs::metadata(&local).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::write(&local, b"{not json").unwrap();
