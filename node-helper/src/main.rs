@@ -331,19 +331,18 @@ impl Helper {
         // A step an earlier helper was killed in, and that is not the one asked for now, is
         // rolled back before anything else. A journal that does not parse is reported and
         // left where it is: no step runs until an admin moves it aside.
-        let journal_note = match step.recover(spec, pending).await {
+        let (journal_note, journal_bad) = match step.recover(spec, pending).await {
             Ok(Some(why)) => {
                 tracing::warn!(node = node_name, "interrupted step rolled back: {why}");
-                Some(format!("interrupted step rolled back: {why}"))
+                (Some(format!("interrupted step rolled back: {why}")), false)
             }
-            Ok(None) => None,
+            Ok(None) => (None, false),
             Err(node_helper::step::StepError::Host(e @ node_helper::host::HostError::Invalid { .. })) => {
                 tracing::error!(node = node_name, "{e}: no step runs until it is moved aside");
-                Some(format!("step journal {e}: no step runs until it is moved aside (it may hold the key of an interrupted step)"))
+                (Some(format!("step journal {e}: no step runs until it is moved aside (it may hold the key of an interrupted step)")), true)
             }
             Err(e) => return Err(e.into()),
         };
-        let journal_bad = journal_note.as_deref().is_some_and(|m| m.starts_with("step journal"));
         let pending = pending.filter(|_| !journal_bad);
         // What is reported stays as it was unless this look changes it.
         let keep = Report { observed_at: None, drift: Vec::new(), operator_pod_error: None, ..me.clone() };
@@ -407,7 +406,9 @@ impl Helper {
         let due = self.last.as_ref().is_none_or(|(at, last)| *last != report || now.as_second() - at >= REPORT_PERIOD_SECS) || me.observed_at.is_none();
         if !due {
             // Sent already: an applied step's journal left by a failed removal goes now.
-            step.reported(self.last.as_ref().and_then(|(_, r)| r.applied_revision.as_deref()))?;
+            if !journal_bad {
+                step.reported(self.last.as_ref().and_then(|(_, r)| r.applied_revision.as_deref()))?;
+            }
             return Ok(());
         }
         if !report.drift.is_empty() {
@@ -421,7 +422,9 @@ impl Helper {
             .await
             .with_context(|| format!("reporting on KcmNode {node_name}"))?;
         // The report of an applied step is in the API: its journal can go.
-        step.reported(sent.applied_revision.as_deref())?;
+        if !journal_bad {
+            step.reported(sent.applied_revision.as_deref())?;
+        }
         self.last = Some((now.as_second(), report));
         Ok(())
     }
