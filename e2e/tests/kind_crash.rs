@@ -22,6 +22,8 @@
 //! follower and the certificate of the other is deleted; unpaused, the down master is repaired
 //! first and the drifted one only after.
 //!
+//! Last, a journal that does not parse: reported on the KcmNode, the file left as it was.
+//!
 //! Throughout, kcm's `/healthz` on every master is probed at 10 Hz ([`HealthWatch`]): a master
 //! counts as up only while its kcm answers; the most masters down at once is asserted to be 1.
 
@@ -214,6 +216,35 @@ async fn drift_while_down(c: &kube::Client, masters: &[String], health: &HealthW
     assert_eq!(most, 1, "drift while down: {down} was down; nothing else went down with it");
 }
 
+/// A journal that does not parse is reported on the KcmNode, left as it is, and no step runs
+/// until it is moved aside.
+async fn bad_journal(c: &kube::Client, masters: &[String], node: &str) {
+    let kcm_nodes = Api::<KcmNode>::all(c.clone());
+    let garbage = "{not a journal";
+    let (ok, out) = on_node(node, &format!("printf '%s' '{garbage}' > {JOURNAL}"));
+    assert!(ok, "writing a bad journal on {node}: {out}");
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            on_node(&self.0, &format!("rm -f {JOURNAL}"));
+        }
+    }
+    let _remove = Remove(node.to_string());
+    let t0 = Instant::now();
+    let message = loop {
+        let m = kcm_nodes.get(node).await.ok().and_then(|n| n.status).and_then(|s| s.message).unwrap_or_default();
+        if m.contains("does not parse") {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "bad journal: {node}'s KcmNode never said so within 60s (message {m:?})\n{}", diagnostics());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(read_on(node, JOURNAL), garbage, "bad journal: the file on {node} is left as it was");
+    println!("bad journal on {node}: reported after {:.1}s: {message}", t0.elapsed().as_secs_f64());
+    drop(_remove);
+    wait_all_healthy(c, masters, Duration::from_secs(60), "after the bad journal was removed").await;
+}
+
 #[tokio::test]
 async fn a_helper_killed_mid_step_resumes_it() {
     let c = client().await;
@@ -238,4 +269,5 @@ async fn a_helper_killed_mid_step_resumes_it() {
     followers.sort();
     drift_while_down(&c, &masters, &health, &followers[1], &followers[0]).await;
     wait_all_healthy(&c, &masters, Duration::from_secs(120), "after the drift repair").await;
+    bad_journal(&c, &masters, &followers[0]).await;
 }
