@@ -132,7 +132,7 @@ async fn ha_kcm_on_three_masters() {
         "phase 0: the first step, on kubeadm's master {first}, failed health and was rolled back: {:?}; most masters down at once: {worst}; {log}",
         failed[0].message
     );
-    assert!(worst <= 1, "adoption: two masters without a serving kcm at once: {log}\n{}", diagnostics());
+    assert_eq!(worst, 1, "adoption: one master at a time without a serving kcm (0: the watch missed the outage): {log}\n{}", diagnostics());
     // kubeadm's kcm is back on that master: its manifest where kubeadm put it, its kcm serving,
     // our unit stopped and disabled (it was not running before the step).
     let manifest = k.spec.paths.static_pod_manifest.clone();
@@ -166,7 +166,7 @@ async fn ha_kcm_on_three_masters() {
     println!("phase 1: rolled out; the helper on {first} killed right after moving kubeadm's static pod aside ({restarts} container restart); most masters down at once (/healthz, kubeadm's kcm counted while it serves): {worst}; {log}");
     assert!(!on_node(&first, &format!("test -e {}", e2e::kind::CRASH_AT)).0, "adoption: the hook on {first} fired");
     assert_eq!(restarts, 1, "adoption: the helper on {first} was killed once");
-    assert!(worst <= 1, "adoption: two masters without a serving kcm at once: {log}\n{}", diagnostics());
+    assert_eq!(worst, 1, "adoption: one master at a time without a serving kcm (0: the watch missed the outage): {log}\n{}", diagnostics());
     let (k, s) = status(&c).await;
     assert_eq!(s.ready.as_deref(), Some("3/3"), "{s:?}");
     let kcm_paths = k.spec.paths.clone();
@@ -368,7 +368,7 @@ async fn ha_kcm_on_three_masters() {
     assert!(operator_holder.is_some_and(|h| h != killed_holder), "another operator replica took the Lease over from {killed_holder}\n{}", diagnostics());
     let applied_at = applied_at.lock().unwrap().clone();
     println!("flag change: applied at {applied_at:?}; leader {leader}; most masters down at once (/healthz): {worst}; {log}");
-    assert!(worst <= 1, "two masters without kcm at once: {log}");
+    assert_eq!(worst, 1, "one master at a time without kcm (0: the watch missed the outage): {log}");
     let at_leader = applied_at[&leader];
     assert!(applied_at.iter().all(|(n, t)| *n == leader || *t < at_leader), "the leader's node goes last: {applied_at:?}");
     for m in &masters {
@@ -434,7 +434,7 @@ async fn ha_kcm_on_three_masters() {
     assert_eq!(failed.len(), 1, "exactly one node tried the bad flag: {:?}", s.nodes);
     let bad = failed[0].name.clone();
     println!("bad flag: {bad} rolled back: {:?}; most masters down at once (/healthz): {worst}; {log}", failed[0].message);
-    assert!(worst <= 1, "two masters without kcm at once: {log}");
+    assert_eq!(worst, 1, "one master at a time without kcm (0: the watch missed the outage): {log}");
     let healthy_again = poll("the rolled-back node healthy again", Duration::from_secs(60), || async {
         let (_, s) = status(&c).await;
         s.nodes.iter().any(|n| n.name == bad && n.healthy && n.unit_active).then_some(())
