@@ -119,9 +119,11 @@ async fn ha_kcm_on_three_masters() {
     let health = HealthWatch::start(&c, &masters).await;
     let unpause = serde_json::json!({"spec": {"paused": false}});
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
+    // Done when a master reports its target failed (rolled back) and the CR says Degraded.
     let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(300), || async {
         let (_, s) = status(&c).await;
-        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+        s.nodes.iter().any(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision)
+            && s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
     })
     .await;
     let (k, s) = status(&c).await;

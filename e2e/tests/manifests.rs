@@ -388,3 +388,12 @@ async fn images_point_the_install_and_the_operators_static_pod_at_a_registry() {
         assert_eq!(containers[0]["command"][0], "/kcm-operator", "{pod}");
     }
 }
+
+/// kind_ha builds its first CR from manifests/kind's file through the Rust type: it parses.
+#[test]
+fn the_kind_cr_parses_as_the_typed_cr() {
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/kind/kubecontrollermanager.yaml")).expect("manifests/kind's CR");
+    let k: kcm_operator::api::KubeControllerManager = serde_yaml::from_str(&file).expect("parses");
+    assert_eq!(k.metadata.name.as_deref(), Some(kcm_operator::api::CR_NAME));
+    assert!(!k.spec.paused && k.spec.kcm.extra_args.is_empty(), "{:?}", k.spec);
+}
