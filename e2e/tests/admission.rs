@@ -100,6 +100,14 @@ async fn a_helper_writes_only_its_own_kcm_node_and_releases_only_its_own_lease_h
     })
     .await;
     assert!(active.is_some(), "{OWN} never refused a helper writing another master's KcmNode");
+    // Each policy is enforced on its own schedule: wait for the Lease one too (CI saw the
+    // first enforced and the second not yet). set_lease puts the holder back each try.
+    let active = e2e::apitier::poll("the Lease policy enforced", Duration::from_secs(30), || {
+        let (a, admin) = (a.clone(), admin.clone());
+        async move { set_lease(&admin, &a, "m2_0000", "").await.err().filter(|e| e.contains(LEASE)) }
+    })
+    .await;
+    assert!(active.is_some(), "{LEASE} never refused a helper releasing another master's holder");
 
     // Allowed: its own report, and clearing its own master's holder.
     report(&a, "m1", json!({"healthy": true, "appliedRevision": "abc123", "observedAt": "2026-11-26T00:00:00Z"}))
