@@ -44,6 +44,24 @@ pub fn kubectl(args: &[&str]) -> (bool, String) {
     sh(Command::new(k8s_bin("kubectl").expect("kubectl")).current_dir(repo).arg("--kubeconfig").arg(kubeconfig()).args(args))
 }
 
+/// Drops ANSI colour sequences (the operator's plain log format colours its fields).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `sh -c <script>` inside a node container.
 pub fn on_node(node: &str, script: &str) -> (bool, String) {
     sh(Command::new("docker").args(["exec", node, "sh", "-c", script]))
@@ -388,6 +406,11 @@ pub fn last_rates(pod: &str, since: &str) -> Option<(String, Vec<Rate>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(strip_ansi("\x1b[2mkcm\x1b[0m \x1b[3muser\x1b[0m\x1b[2m=\x1b[0m\"x\""), "kcm user=\"x\"");
+    }
 
     #[test]
     fn rate_lines_parse() {

@@ -157,28 +157,19 @@ impl Watch {
             let script = format!(
                 "echo $$ > {pidfile}; end=$(( $(date +%s) + {WATCH_MAX_SECS} )); while [ $(date +%s) -lt $end ]; do echo \"$(systemctl show -p MainPID --value kube-controller-manager 2>/dev/null)\" || exit 0; sleep 0.1; done"
             );
-            let mut child = Command::new("docker")
-                .args(["exec", n, "sh", "-c", &script])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("docker exec {n} (MainPID watcher): {e}"));
-            let out = child.stdout.take().expect("watcher stdout");
-            let (pids, name) = (pids.clone(), n.clone());
-            threads.push(std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    let t = now_secs();
-                    let Ok(pid) = line.trim().parse::<u32>() else { continue };
-                    let mut g = pids.lock().unwrap();
-                    let tr: &mut PidTrack = g.entry(name.clone()).or_default();
-                    tr.last_seen = t;
-                    if tr.changes.last().map(|c| c.1) != Some(pid) {
-                        tr.changes.push((t, pid));
-                    }
+            let pids = pids.clone();
+            let name = n.clone();
+            let (child, thread) = spawn_node_loop(n, &script, "MainPID watcher", move |line| {
+                let t = now_secs();
+                let Ok(pid) = line.trim().parse::<u32>() else { return };
+                let mut g = pids.lock().unwrap();
+                let tr: &mut PidTrack = g.entry(name.clone()).or_default();
+                tr.last_seen = t;
+                if tr.changes.last().map(|c| c.1) != Some(pid) {
+                    tr.changes.push((t, pid));
                 }
-            }));
+            });
+            threads.push(thread);
             children.push(child);
         }
         Watch { stop, lease, lease_errors, pids, threads, children, nodes: nodes.to_vec(), pidfile }
@@ -463,6 +454,26 @@ impl Drop for Planted {
     }
 }
 
+/// Runs `script` (a bounded loop printing one line a look) inside `node`'s container and
+/// hands each line to `on_line` on a thread of its own, until the loop's output ends.
+fn spawn_node_loop(node: &str, script: &str, what: &str, mut on_line: impl FnMut(&str) + Send + 'static) -> (Child, std::thread::JoinHandle<()>) {
+    let mut child = Command::new("docker")
+        .args(["exec", node, "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("docker exec {node} ({what}): {e}"));
+    let out = child.stdout.take().expect("watcher stdout");
+    let thread = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            on_line(&line);
+        }
+    });
+    (child, thread)
+}
+
 /// Probe results by master: `(time, up)` in the order probed.
 pub type HealthSamples = BTreeMap<String, Vec<(f64, bool)>>;
 
@@ -502,22 +513,12 @@ impl HealthWatch {
                 ours = probe(&format!("https://{ip}:{port}/healthz")),
                 kubeadm = probe(KUBEADM_KCM_HEALTHZ),
             );
-            let mut child = Command::new("docker")
-                .args(["exec", m, "sh", "-c", &script])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("docker exec {m} (health watcher): {e}"));
-            let out = child.stdout.take().expect("watcher stdout");
             let (samples, name) = (samples.clone(), m.clone());
-            threads.push(std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    let up = line.trim() == "200";
-                    samples.lock().unwrap().entry(name.clone()).or_default().push((now_secs(), up));
-                }
-            }));
+            let (child, thread) = spawn_node_loop(m, &script, "health watcher", move |line| {
+                let up = line.trim() == "200";
+                samples.lock().unwrap().entry(name.clone()).or_default().push((now_secs(), up));
+            });
+            threads.push(thread);
             children.push(child);
         }
         let w = HealthWatch { samples, threads, children, nodes: masters.to_vec(), pidfile };
@@ -547,6 +548,30 @@ impl HealthWatch {
         let v = g.get(node).map(Vec::as_slice).unwrap_or_default();
         let inside: Vec<bool> = v.iter().filter(|s| s.0 >= from && s.0 <= to).map(|s| s.1).collect();
         !inside.is_empty() && inside.iter().all(|up| *up)
+    }
+
+    /// Until `done` (checked once a second) or `within`: the most masters whose kcm did not
+    /// answer /healthz at one moment, and that moment described. Panics when `within` passes,
+    /// or when a watcher goes blind.
+    pub async fn max_down_during<F, Fut>(&self, masters: &[String], within: Duration, mut done: F) -> (usize, String)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let from = now_secs();
+        let deadline = Instant::now() + within;
+        let worst = |to: f64| {
+            let (n, at, who) = self.most_down(from, to);
+            (n, format!("{n} down at +{:.1}s: {who:?}", at - from))
+        };
+        while Instant::now() < deadline {
+            self.assert_fresh("max_down_during", masters);
+            if done().await {
+                return worst(now_secs());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("not done within {within:?}; {}\n{}", worst(now_secs()).1, crate::kind::diagnostics());
     }
 
     /// Panics unless every master was probed within the last 4 s (a blind watcher proves nothing).

@@ -61,30 +61,6 @@ fn unit_active(node: &str) -> bool {
     on_node(node, "systemctl is-active kube-controller-manager").1.trim() == "active"
 }
 
-/// Until `done` (checked once a second) or `within`: the most masters whose kcm did not
-/// answer /healthz at one moment ([`HealthWatch`], 10 Hz, kubeadm's static pod counted while
-/// it serves), and that moment described.
-async fn max_down_during<F, Fut>(health: &HealthWatch, masters: &[String], within: Duration, mut done: F) -> (usize, String)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let from = e2e::kind::now_secs();
-    let deadline = Instant::now() + within;
-    let worst = |to: f64| {
-        let (n, at, who) = health.most_down(from, to);
-        (n, format!("{n} down at +{:.1}s: {who:?}", at - from))
-    };
-    while Instant::now() < deadline {
-        health.assert_fresh("max_down_during", masters);
-        if done().await {
-            return worst(e2e::kind::now_secs());
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("not done within {within:?}; {}\n{}", worst(e2e::kind::now_secs()).1, diagnostics());
-}
-
 #[tokio::test]
 async fn ha_kcm_on_three_masters() {
     let c = client().await;
@@ -120,12 +96,13 @@ async fn ha_kcm_on_three_masters() {
     let unpause = serde_json::json!({"spec": {"paused": false}});
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&unpause)).await.unwrap();
     // Done when a master reports its target failed (rolled back) and the CR says Degraded.
-    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(300), || async {
-        let (_, s) = status(&c).await;
-        s.nodes.iter().any(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision)
-            && s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
-    })
-    .await;
+    let (worst, log) = health
+        .max_down_during(&masters, Duration::from_secs(300), || async {
+            let (_, s) = status(&c).await;
+            s.nodes.iter().any(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision)
+                && s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+        })
+        .await;
     let (k, s) = status(&c).await;
     let failed: Vec<_> = s.nodes.iter().filter(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision).collect();
     assert_eq!(failed.len(), 1, "adoption: exactly one master tried the unhealthy spec: {:?}", s.nodes);
@@ -157,14 +134,15 @@ async fn ha_kcm_on_three_masters() {
     assert!(ok, "arming static-pod-moved on {first}: {out}");
     let fix = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": null, "extraArgs": {"leader-elect-lease-duration": null}}}});
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&fix)).await.unwrap();
-    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(600), || async {
-        let (k, s) = status(&c).await;
-        let rev = spec_revision(&k.spec);
-        masters
-            .iter()
-            .all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str())))
-    })
-    .await;
+    let (worst, log) = health
+        .max_down_during(&masters, Duration::from_secs(600), || async {
+            let (k, s) = status(&c).await;
+            let rev = spec_revision(&k.spec);
+            masters.iter().all(|m| {
+                s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()))
+            })
+        })
+        .await;
     let restarts = e2e::kind::helper_restarts(&c, &first).await - restarts_before;
     println!("phase 1: rolled out; the helper on {first} killed right after moving kubeadm's static pod aside ({restarts} container restart); most masters down at once (/healthz, kubeadm's kcm counted while it serves): {worst}; {log}");
     assert!(!on_node(&first, &format!("test -e {}", e2e::kind::CRASH_AT)).0, "adoption: the hook on {first} fired");
@@ -310,54 +288,55 @@ async fn ha_kcm_on_three_masters() {
     // from the old holder's last renewal to the new holder's acquisition.
     let lease_seen =
         std::sync::Arc::new(std::sync::Mutex::new((None::<String>, None::<k8s_openapi::jiff::Timestamp>, Vec::<String>::new(), Vec::<f64>::new())));
-    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(600), || {
-        let c = c.clone();
-        let masters = masters.clone();
-        let applied_at = applied_at.clone();
-        let killed = killed.clone();
-        let lease_seen = lease_seen.clone();
-        async move {
-            if let Ok(l) = Api::<Lease>::namespaced(c.clone(), "kube-system").get("kube-controller-manager").await {
-                let spec = l.spec.unwrap_or_default();
-                // The full identity (`<host>_<uuid>`): a restarted kcm on the same master is a new holder.
-                let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-                let mut seen = lease_seen.lock().unwrap();
-                if holder.is_some() && seen.0.is_some() && holder != seen.0 {
-                    if let (Some(last), Some(acq)) = (seen.1, spec.acquire_time.as_ref().map(|t| t.0)) {
-                        let gap = acq.duration_since(last).as_secs_f64();
-                        let line = format!("{} -> {}: {gap:.1}s without a leader", seen.0.clone().unwrap_or_default(), holder.clone().unwrap_or_default());
-                        seen.2.push(line);
-                        seen.3.push(gap);
+    let (worst, log) = health
+        .max_down_during(&masters, Duration::from_secs(600), || {
+            let c = c.clone();
+            let masters = masters.clone();
+            let applied_at = applied_at.clone();
+            let killed = killed.clone();
+            let lease_seen = lease_seen.clone();
+            async move {
+                if let Ok(l) = Api::<Lease>::namespaced(c.clone(), "kube-system").get("kube-controller-manager").await {
+                    let spec = l.spec.unwrap_or_default();
+                    // The full identity (`<host>_<uuid>`): a restarted kcm on the same master is a new holder.
+                    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+                    let mut seen = lease_seen.lock().unwrap();
+                    if holder.is_some() && seen.0.is_some() && holder != seen.0 {
+                        if let (Some(last), Some(acq)) = (seen.1, spec.acquire_time.as_ref().map(|t| t.0)) {
+                            let gap = acq.duration_since(last).as_secs_f64();
+                            let line = format!("{} -> {}: {gap:.1}s without a leader", seen.0.clone().unwrap_or_default(), holder.clone().unwrap_or_default());
+                            seen.2.push(line);
+                            seen.3.push(gap);
+                        }
+                    }
+                    if holder.is_some() {
+                        seen.0 = holder;
+                        seen.1 = spec.renew_time.map(|t| t.0);
                     }
                 }
-                if holder.is_some() {
-                    seen.0 = holder;
-                    seen.1 = spec.renew_time.map(|t| t.0);
+                let (k, s) = status(&c).await;
+                let rev = spec_revision(&k.spec);
+                // Read before the locks below (no lock is held across an await).
+                let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
+                let mut at = applied_at.lock().unwrap();
+                for n in &s.nodes {
+                    if n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()) {
+                        at.entry(n.name.clone()).or_insert(t0.elapsed());
+                    }
                 }
-            }
-            let (k, s) = status(&c).await;
-            let rev = spec_revision(&k.spec);
-            // Read before the locks below (no lock is held across an await).
-            let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
-            let mut at = applied_at.lock().unwrap();
-            for n in &s.nodes {
-                if n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()) {
-                    at.entry(n.name.clone()).or_insert(t0.elapsed());
+                let mut killed = killed.lock().unwrap();
+                if !at.is_empty() && at.len() < masters.len() && killed.is_none() {
+                    let holder = operator_holder.unwrap_or_else(|| panic!("no operator Lease holder mid-rollout\n{}", diagnostics()));
+                    let node = leader_node(Some(&holder)).unwrap_or_default();
+                    let (ok, out) = on_node(&node, "pkill -TERM -x kcm-operator");
+                    assert!(ok, "SIGTERM to the leading operator on {node}: {out}");
+                    let note = format!("{holder} on {node} got SIGTERM at +{:.1}s with {:?} done", t0.elapsed().as_secs_f64(), at.keys().collect::<Vec<_>>());
+                    *killed = Some((holder, note));
                 }
+                masters.iter().all(|m| at.contains_key(m))
             }
-            let mut killed = killed.lock().unwrap();
-            if !at.is_empty() && at.len() < masters.len() && killed.is_none() {
-                let holder = operator_holder.unwrap_or_else(|| panic!("no operator Lease holder mid-rollout\n{}", diagnostics()));
-                let node = leader_node(Some(&holder)).unwrap_or_default();
-                let (ok, out) = on_node(&node, "pkill -TERM -x kcm-operator");
-                assert!(ok, "SIGTERM to the leading operator on {node}: {out}");
-                let note = format!("{holder} on {node} got SIGTERM at +{:.1}s with {:?} done", t0.elapsed().as_secs_f64(), at.keys().collect::<Vec<_>>());
-                *killed = Some((holder, note));
-            }
-            masters.iter().all(|m| at.contains_key(m))
-        }
-    })
-    .await;
+        })
+        .await;
     let killed = killed.lock().unwrap().clone();
     let operator_holder = e2e::kind::operator_lease(&c).await.and_then(|l| l.holder);
     println!("operator takeover: {:?}; operator Lease now held by {operator_holder:?}", killed.as_ref().map(|k| &k.1));
@@ -427,11 +406,12 @@ async fn ha_kcm_on_three_masters() {
     let before: BTreeMap<String, String> = masters.iter().map(|m| (m.clone(), on_node(m, &format!("cat {}", kcm_paths.unit)).1)).collect();
     let patch = serde_json::json!({"spec": {"kcm": {"healthTimeoutSeconds": 20, "extraArgs": {"leader-elect-lease-duration": "1s"}}}});
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let (worst, log) = max_down_during(&health, &masters, Duration::from_secs(180), || async {
-        let (_, s) = status(&c).await;
-        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
-    })
-    .await;
+    let (worst, log) = health
+        .max_down_during(&masters, Duration::from_secs(180), || async {
+            let (_, s) = status(&c).await;
+            s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+        })
+        .await;
     let (_, s) = status(&c).await;
     let failed: Vec<_> = s.nodes.iter().filter(|n| n.failed_revision.is_some() && n.failed_revision == n.target_revision).collect();
     assert_eq!(failed.len(), 1, "exactly one node tried the bad flag: {:?}", s.nodes);

@@ -27,27 +27,9 @@ fn holder_node(holder: &str) -> String {
     kcm_operator::rollout::leader_node(Some(holder)).unwrap_or_default()
 }
 
-/// Drops ANSI colour sequences (the operator's plain log format colours its fields).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn kubectl(args: &[&str]) -> (bool, String) {
     let (ok, out) = e2e::kind::kubectl(args);
-    (ok, strip_ansi(&out))
+    (ok, e2e::kind::strip_ansi(&out))
 }
 
 /// The pod's last election log line: "leading", "following" or "lost".
@@ -210,9 +192,4 @@ async fn operator_static_pods_elect_one_leader_and_fail_over() {
     let settled = poll("one leader again", Duration::from_secs(60), || one_leader(&leases, &nodes)).await;
     let Some((leader, _)) = settled else { panic!("no single leader after the failovers\n{}", diagnostics()) };
     println!("after the failovers: three replicas Ready, {leader} leads ({:.1}s)", t0.elapsed().as_secs_f64());
-}
-
-#[test]
-fn ansi_is_stripped() {
-    assert_eq!(strip_ansi("\x1b[2mkcm\x1b[0m \x1b[3muser\x1b[0m\x1b[2m=\x1b[0m\"x\""), "kcm user=\"x\"");
 }
