@@ -238,8 +238,18 @@ impl Elector {
     /// Resolves once this replica holds the lease; API errors are logged and retried.
     pub async fn acquire(&self) {
         let mut following: Option<String> = None;
+        // An apiserver that does not answer fails every retry: said once, and its end once.
+        let mut reach = crate::reach::Reach::default();
         loop {
-            let wait = match self.try_once().await {
+            let attempt = self.try_once().await;
+            match reach.observe(&attempt.as_ref().map(|_| ()).map_err(|e| crate::reach::chain(e))) {
+                Some(crate::reach::Change::Lost(why)) => {
+                    tracing::warn!("leader election: {why} (retried every {}s, logged once)", self.cfg.retry_period.as_secs())
+                }
+                Some(crate::reach::Change::Back { failures }) => tracing::info!("leader election: the Lease answers again after {failures} failed tries"),
+                None => {}
+            }
+            let wait = match attempt {
                 Ok(Attempt::Leading) => {
                     tracing::info!(identity = %self.cfg.identity, "acquired Lease {}/{}", self.cfg.namespace, self.cfg.name);
                     return;
@@ -252,10 +262,7 @@ impl Elector {
                     wait
                 }
                 Ok(Attempt::Conflict) => Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!("leader election: {e}");
-                    self.cfg.retry_period
-                }
+                Err(_) => self.cfg.retry_period,
             };
             tokio::time::sleep(wait).await;
         }

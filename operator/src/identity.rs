@@ -37,6 +37,8 @@ pub enum IdentityError {
     CaExpired(String),
     #[error("kubeconfig for {apiserver}: {reason}")]
     Kubeconfig { apiserver: String, reason: String },
+    #[error("{0}")]
+    Unreachable(String),
     #[error("invalid duration {0:?}: use e.g. 90s, 30m, 24h")]
     Duration(String),
 }
@@ -132,23 +134,33 @@ pub fn kubeconfig(apiserver: &str, ca_cert_pem: &str, cert: &ClientCert) -> Resu
 pub struct HostIdentity {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
-    pub apiserver: String,
+    /// The apiservers to try, in order (the static pod: the CR's `apiserverUrl`).
+    pub apiservers: Vec<String>,
     pub validity: Duration,
 }
 
 impl HostIdentity {
-    /// Reads the CA from the host, mints a fresh certificate and builds a client with it.
-    /// Returns the certificate too, for its renewal time.
+    /// Reads the CA from the host, mints a fresh certificate and builds a client with it for
+    /// the first of [`Self::apiservers`] that answers ([`crate::reach::first_answering`]).
+    /// Returns the certificate too, for its renewal time, and the apiserver chosen.
     /// Its requests are counted in `counts`.
-    pub async fn client(&self, counts: &std::sync::Arc<crate::apicount::ApiCounts>) -> Result<(kube::Client, ClientCert)> {
+    pub async fn client(&self, counts: &std::sync::Arc<crate::apicount::ApiCounts>) -> Result<(kube::Client, ClientCert, String)> {
         let ca_cert = read(&self.ca_cert)?;
         let ca_key = read(&self.ca_key)?;
         let cert = mint(&ca_cert, &ca_key, now(), self.validity)?;
-        let kc = kubeconfig(&self.apiserver, &ca_cert, &cert)?;
-        let bad = |reason: String| IdentityError::Kubeconfig { apiserver: self.apiserver.clone(), reason };
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| bad(e.to_string()))?;
-        let client = crate::apicount::counted_client_with(config, counts.clone()).map_err(|e| bad(e.to_string()))?;
-        Ok((client, cert))
+        let mut candidates = Vec::new();
+        for apiserver in &self.apiservers {
+            let kc = kubeconfig(apiserver, &ca_cert, &cert)?;
+            let bad = |reason: String| IdentityError::Kubeconfig { apiserver: apiserver.clone(), reason };
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| bad(e.to_string()))?;
+            candidates.push((apiserver.clone(), crate::apicount::counted_client_with(config, counts.clone()).map_err(|e| bad(e.to_string()))?));
+        }
+        if candidates.is_empty() {
+            return Err(IdentityError::Unreachable("no apiserver given (--apiserver)".into()));
+        }
+        let (_, apiserver, client) =
+            crate::reach::first_answering(candidates, |c| c).await.map_err(|why| IdentityError::Unreachable(crate::reach::none_answered(&why)))?;
+        Ok((client, cert, apiserver))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod kube_error;
 pub mod logging;
 pub mod metrics;
 pub mod pki;
+pub mod reach;
 pub mod render;
 pub mod rescue;
 pub mod rollout;

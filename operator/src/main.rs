@@ -42,9 +42,11 @@ struct Args {
     /// Where the operator's API identity comes from.
     #[arg(long, env = "KCM_IDENTITY", value_enum, default_value = "in-cluster")]
     identity: IdentityMode,
-    /// The apiserver to talk to with --identity host (its serving cert must name this host/IP).
-    #[arg(long, env = "KCM_APISERVER", default_value = identity::DEFAULT_APISERVER)]
-    apiserver: String,
+    /// The apiservers to talk to with --identity host, tried in order (comma-separated or the
+    /// flag repeated); each one's serving cert must name its host. The static pod: the CR's
+    /// apiserverUrl.
+    #[arg(long, env = "KCM_APISERVER", value_delimiter = ',', default_value = identity::DEFAULT_APISERVER)]
+    apiserver: Vec<String>,
     /// Lifetime of the host-minted client certificate (renewed at half of it): 90s, 30m, 24h.
     #[arg(long, env = "KCM_CLIENT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
     client_cert_validity: Duration,
@@ -95,6 +97,8 @@ async fn shutdown_signal() {
 /// How a session (one client) ended.
 enum End {
     Renew,
+    /// The apiserver stopped answering and there are others to try.
+    Switch,
     Shutdown,
     Failed(anyhow::Error),
 }
@@ -116,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
     let host = HostIdentity {
         ca_cert: args.ca_cert.clone().into(),
         ca_key: args.ca_key.clone().into(),
-        apiserver: args.apiserver.clone(),
+        apiservers: args.apiserver.clone(),
         validity: args.client_cert_validity,
     };
 
@@ -136,27 +140,49 @@ async fn main() -> anyhow::Result<()> {
     }
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    // The looks before a session has a client: logged once when they start failing.
+    let mut connecting = kcm_operator::reach::Reach::default();
     loop {
-        // A client for this session, and when it must be replaced.
-        let (client, renew_in) = match args.identity {
+        // A client for this session, when it must be replaced, and the apiserver it talks to.
+        let (client, renew_in, apiserver) = match args.identity {
             IdentityMode::InCluster => {
                 let config = kube::Config::infer().await.context("Kubernetes client configuration")?;
-                (kcm_operator::apicount::counted_client_with(config, counts.clone()).context("building Kubernetes client")?, None)
+                let url = config.cluster_url.to_string();
+                (kcm_operator::apicount::counted_client_with(config, counts.clone()).context("building Kubernetes client")?, None, url)
             }
-            IdentityMode::Host => {
-                let (client, cert) = host.client(&counts).await.context("minting the operator's client certificate from the host CA")?;
-                let renew_in = identity::renew_in(cert.issued_at, cert.not_after, identity::now());
-                tracing::info!(user = identity::OPERATOR_USER, apiserver = %args.apiserver, not_after = %kcm_operator::pki::rfc3339(cert.not_after),
-                    "client certificate minted from {}; renewal in {}s", args.ca_cert, renew_in.as_secs());
-                (client, Some(renew_in))
-            }
+            IdentityMode::Host => match host.client(&counts).await {
+                Ok((client, cert, apiserver)) => {
+                    let renew_in = identity::renew_in(cert.issued_at, cert.not_after, identity::now());
+                    tracing::info!(user = identity::OPERATOR_USER, %apiserver, not_after = %kcm_operator::pki::rfc3339(cert.not_after),
+                        "client certificate minted from {}; renewal in {}s", args.ca_cert, renew_in.as_secs());
+                    (client, Some(renew_in), apiserver)
+                }
+                Err(e) => {
+                    // Not ready, said once; tried again until an apiserver answers.
+                    ready.set(false);
+                    if let Some(kcm_operator::reach::Change::Lost(why)) = connecting.observe(&Err(kcm_operator::reach::chain(&e))) {
+                        tracing::error!("no session: {why}; not ready, trying again every {}s", kcm_operator::reach::PROBE_PERIOD.as_secs());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(kcm_operator::reach::PROBE_PERIOD) => continue,
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                }
+            },
         };
+        if let Some(kcm_operator::reach::Change::Back { failures }) = connecting.observe(&Ok(())) {
+            tracing::info!(%apiserver, "an apiserver answers after {failures} failed tries");
+        }
         // Refuse to start when the CRD is missing, with a clear message.
         kube::Api::<kcm_operator::api::KubeControllerManager>::all(client.clone())
             .list(&kube::api::ListParams::default().limit(1))
             .await
             .context("listing KubeControllerManagers (is the CRD installed? kubectl apply -k manifests/)")?;
         ready.set(true);
+        // Ready while the apiserver answers; with other apiservers to try, a lasting outage
+        // ends the session so the next one starts from the first that answers.
+        let switch = matches!(args.identity, IdentityMode::Host) && args.apiserver.len() > 1;
+        let reachable = kcm_operator::reach::watch(client.clone(), apiserver.clone(), ready.clone(), switch);
 
         let elector = election.clone().map(|cfg| Elector::new(client.clone(), cfg));
         let renewal = async {
@@ -168,10 +194,12 @@ async fn main() -> anyhow::Result<()> {
         let end = tokio::select! {
             e = lead(elector.as_ref(), client.clone(), signer.clone(), &metrics) => End::Failed(e),
             _ = renewal => End::Renew,
+            _ = reachable => End::Switch,
             _ = &mut shutdown => End::Shutdown,
         };
         match end {
             End::Renew => tracing::info!("client certificate at half its lifetime: restarting with a new one"),
+            End::Switch => ready.set(false),
             End::Shutdown => {
                 if let Some(e) = &elector {
                     match e.release().await {

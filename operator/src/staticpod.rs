@@ -5,12 +5,14 @@
 //!
 //! The kubelet runs it without the API, without kcm and without a ServiceAccount: the
 //! operator mints its own client certificate from the cluster CA at the CR's paths
-//! (`paths.caCert`, `paths.caKey`), mounted read-only one file each.
+//! (`paths.caCert`, `paths.caKey`), mounted read-only one file each, and reaches the
+//! apiserver at the CR's `apiserverUrl` (the address kcm's kubeconfig names too), never an
+//! assumed 127.0.0.1:6443: an apiserver may bind the master's own address only. A change
+//! of either is a changed manifest, which the helper writes over the one in place.
 
 use serde_json::json;
 
 use crate::api::{KubeControllerManagerSpec, NAMESPACE, OPERATOR_APP};
-use crate::identity::DEFAULT_APISERVER;
 
 /// Where the operator serves /healthz, /readyz and /metrics: on every address of the
 /// master (the pod uses the host's network), so Prometheus can scrape it; the kubelet
@@ -48,7 +50,7 @@ pub fn operator_pod(spec: &KubeControllerManagerSpec, image: &str) -> String {
                     "--identity=host",
                     format!("--ca-cert={}", p.ca_cert),
                     format!("--ca-key={}", p.ca_key),
-                    format!("--apiserver={DEFAULT_APISERVER}"),
+                    format!("--apiserver={}", spec.apiserver_url),
                     "--client-cert-validity=24h",
                     format!("--health-addr=0.0.0.0:{HEALTH_PORT}"),
                 ],
@@ -92,6 +94,8 @@ mod tests {
         assert_eq!(vols, ["/etc/kubernetes/cert/ca.pem", "/etc/kubernetes/cert/ca-key.pem"]);
         assert_eq!(pod["metadata"]["namespace"], NAMESPACE);
         assert_eq!(pod["spec"]["hostNetwork"], true);
+        assert!(args.contains(&"--apiserver=https://10.0.0.10:6443"), "the CR's apiserverUrl, not 127.0.0.1: {args:?}");
+        assert_eq!(args.iter().filter(|a| a.starts_with("--apiserver")).count(), 1, "{args:?}");
     }
 
     #[test]
