@@ -4,7 +4,8 @@
 //! which files existed: their previous content is `<file>.prev` once the step rewrote them),
 //! the certificate request under way (key and CSR name, so a resumed step waits for the same
 //! certificate instead of asking for a second one), and whether kubeadm's static pod
-//! manifest is being moved aside.
+//! manifest is being moved aside, and whether the step has restarted kcm yet: a rollback
+//! restarts kcm (handing its Lease to a follower first) only if the step did.
 //!
 //! A helper that finds a journal for the revision it is told to apply resumes the step (at
 //! most [`MAX_ATTEMPTS`] times); for any other revision, or none, it rolls the step back.
@@ -42,9 +43,41 @@ pub struct Journal {
     /// Set before kubeadm's static pod manifest is moved aside.
     #[serde(default)]
     pub adopting: bool,
+    /// Set before the step restarts kcm's unit: only then does a rollback restart it (on
+    /// the files it puts back). A journal from before this field says yes (as it did then).
+    #[serde(default = "restarted_unknown")]
+    pub restarted: bool,
     /// The step ended healthy: the report to send (kept until it is in the API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<kcm_operator::api::KcmNodeStatus>,
+}
+
+fn restarted_unknown() -> bool {
+    true
+}
+
+/// What a rollback does with kcm's unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitRollback {
+    /// It was not active before the step: stopped and disabled.
+    Stop,
+    /// The step restarted it on the new files: restarted on the old ones (with the Lease
+    /// hand-off when it leads).
+    Restart,
+    /// The step never restarted it: the kcm that runs is the one from before the step, and
+    /// its files are back. The unit is reloaded, and started only if it is not running.
+    KeepRunning,
+}
+
+/// The unit's rollback for a journal (pure): a step that failed before it restarted kcm (a
+/// certificate that never came, a pre-flight that failed, a restart-free renewal whose new
+/// kcm certificate was not served) restarts nothing.
+pub fn unit_rollback(j: &Journal) -> UnitRollback {
+    match (j.was_active, j.restarted) {
+        (false, _) => UnitRollback::Stop,
+        (true, true) => UnitRollback::Restart,
+        (true, false) => UnitRollback::KeepRunning,
+    }
 }
 
 /// A certificate request of a step, journaled before the CSR is created.
@@ -158,6 +191,22 @@ mod tests {
         }
         j.attempts = MAX_ATTEMPTS;
         assert_eq!(recovery(&j, Some("r1")), Recovery::Applied, "past the attempts too: it finished");
+    }
+
+    #[test]
+    fn a_rollback_restarts_kcm_only_when_the_step_did() {
+        let j = |was_active, restarted| Journal { was_active, restarted, ..journal("r1", 1) };
+        assert_eq!(unit_rollback(&j(false, false)), UnitRollback::Stop);
+        assert_eq!(unit_rollback(&j(false, true)), UnitRollback::Stop);
+        assert_eq!(unit_rollback(&j(true, true)), UnitRollback::Restart);
+        // A renewal whose certificate never came, or whose pre-flight failed: nothing restarted.
+        assert_eq!(unit_rollback(&j(true, false)), UnitRollback::KeepRunning);
+        // A journal written before `restarted` existed: restarted, as rollbacks did then.
+        let old: Journal = serde_json::from_str(r#"{"revision":"r1","attempts":1,"wasActive":true,"files":[]}"#).unwrap();
+        assert!(old.restarted);
+        assert_eq!(unit_rollback(&old), UnitRollback::Restart);
+        let new: Journal = serde_json::from_str(&serde_json::to_string(&j(true, false)).unwrap()).unwrap();
+        assert!(!new.restarted, "a new journal says what it did");
     }
 
     #[test]

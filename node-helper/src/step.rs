@@ -156,7 +156,7 @@ impl Node<'_> {
             files.push((hp.host.display().to_string(), self.host.read_optional(hp)?.is_some()));
         }
         let was_active = self.systemd.state().await?.is_active();
-        Ok(Journal { revision: revision.into(), attempts: 1, was_active, files, request: None, adopting: false, applied: None })
+        Ok(Journal { revision: revision.into(), attempts: 1, was_active, files, request: None, adopting: false, restarted: false, applied: None })
     }
 
     /// Whether this step rewrote or created the file (on any attempt).
@@ -184,6 +184,11 @@ impl Node<'_> {
             || self.changed(j, &p.kubeconfig)
             || (self.changed(j, &p.cert) && spec.certificate.kubeconfig_mode == KubeconfigMode::Embedded);
         if needs_restart {
+            // Journaled first: from here on a rollback restarts kcm on the old files.
+            if !j.restarted {
+                j.restarted = true;
+                self.journal.save(j)?;
+            }
             self.restart_with_handoff().await?;
         }
         self.wait_healthy(spec, prepared, &installed.cert.serial_hex).await?;
@@ -262,6 +267,18 @@ impl Node<'_> {
             }
         }
         self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
+        Ok(())
+    }
+
+    /// A rollback of a step that never restarted kcm: the unit reloaded (its file may be
+    /// back), started only if it does not run.
+    async fn keep_running(&self) -> Result<(), StepError> {
+        self.systemd.reload_enable().await?;
+        if !self.systemd.state().await?.is_active() {
+            self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
+        } else {
+            tracing::info!(node = self.name, "rollback: kcm was not restarted by the step and keeps running");
+        }
         Ok(())
     }
 
@@ -370,7 +387,12 @@ impl Node<'_> {
                 Err(e) => tracing::error!("rollback of {path}: {e}"),
             }
         }
-        let unit_result = if j.was_active { self.systemd.reload_enable_restart().await } else { self.systemd.stop_disable().await };
+        let unit_result = match journal::unit_rollback(j) {
+            journal::UnitRollback::Stop => self.systemd.stop_disable().await.map_err(StepError::from),
+            // Never a plain restart of the leader: the Lease goes to a follower first.
+            journal::UnitRollback::Restart => self.restart_with_handoff().await,
+            journal::UnitRollback::KeepRunning => self.keep_running().await,
+        };
         if let Err(e) = unit_result {
             tracing::error!("rollback of the unit: {e}");
         }
