@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 
 use crate::api::CR_NAME;
 use crate::api::{
-    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, NodeStatus, Revision, HELPER_APP, HELPER_DAEMONSET,
-    KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RESCUE_APP, STALE_AFTER_SECS,
+    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, KubeconfigMode, NodeStatus, Revision, HELPER_APP,
+    HELPER_DAEMONSET, KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RESCUE_APP, STALE_AFTER_SECS,
 };
 use crate::approver::is_master;
 use crate::kube_error::{kube_err, KubeError};
@@ -227,9 +227,34 @@ pub fn availability_blocker(nodes: &[NodeStatus], next: &NodeStatus, now: i64) -
     })
 }
 
+/// A step the operator gave a master whose helper has not reported for this long (seconds)
+/// is lost (the master powered off, its helper gone): it no longer holds the one-at-a-time
+/// wait, and the master counts as unknown. Longer than any step (certificate wait, kubeadm's
+/// kcm going, health timeout), during which a helper does not report.
+pub const STEP_LOST_AFTER_SECS: i64 = 900;
+
+/// Whether `n`'s target is under way: given, neither applied nor failed, and not lost (a
+/// master that runs our kcm and has not reported for [`STEP_LOST_AFTER_SECS`]). A master
+/// with no kcm of ours yet holds the wait however long: its kubeadm kcm may be going.
+pub fn under_way(n: &NodeStatus, now: i64) -> Option<&str> {
+    let t = n.target_revision.as_deref()?;
+    let open = n.applied_revision.as_deref() != Some(t) && n.failed_revision.as_deref() != Some(t);
+    let lost = n.applied_revision.is_some() && n.observed_at.as_deref().and_then(parse_time).is_none_or(|o| now - o > STEP_LOST_AFTER_SECS);
+    (open && !lost).then_some(t)
+}
+
+/// Whether step `revision` takes nothing down: a renewal with the kubeconfig referencing
+/// the certificate files (kcm reloads the swapped pair; the spec is the one applied, so
+/// unit and kubeconfig stay as they are). Such a step skips the availability wait: a
+/// master without a fresh report does not hold the others' renewals.
+pub fn restart_free(spec: &KubeControllerManagerSpec, revision: &str) -> bool {
+    spec.certificate.kubeconfig_mode == KubeconfigMode::Referenced && revision.parse::<Revision>().is_ok_and(|r| r.renews().is_some())
+}
+
 /// Decides the next step.
 ///
-/// - One step at a time: while a master applies its target, wait.
+/// - One step at a time: while a master applies its target, wait (not for a lost step:
+///   [`under_way`]).
 /// - A spec revision that failed and was rolled back stops the rollout (repairs too: they
 ///   would apply the same spec) until the spec changes.
 /// - Then repair: a master that runs our kcm and whose fresh report shows a problem
@@ -238,9 +263,10 @@ pub fn availability_blocker(nodes: &[NodeStatus], next: &NodeStatus, now: i64) -
 ///   the one with the fewest problems (closest to healthy). A failed repair is retried
 ///   after a backoff.
 /// - Otherwise spec changes and due renewals, the leader's master last.
-/// - Every step obeys [`availability_blocker`]: a master whose kcm is up is never taken
-///   down (for a spec change, a renewal or a repair of drift) while another master that
-///   runs our kcm is down or unknown.
+/// - Every step that takes a master down obeys [`availability_blocker`]: a master whose
+///   kcm is up is never taken down (for a spec change, a renewal or a repair of drift) while
+///   another master that runs our kcm is down or unknown. A [`restart_free`] renewal takes
+///   nothing down and does not wait.
 pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     if spec.paused {
         return Decision::Paused;
@@ -252,10 +278,8 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     let is_leader = |n: &NodeStatus| Some(n.name.as_str()) == f.leader;
 
     for n in &nodes {
-        if let Some(t) = n.target_revision.as_deref() {
-            if n.applied_revision.as_deref() != Some(t) && n.failed_revision.as_deref() != Some(t) {
-                return Decision::Wait { node: n.name.clone(), why: format!("applying {t}") };
-            }
+        if let Some(t) = under_way(n, now) {
+            return Decision::Wait { node: n.name.clone(), why: format!("applying {t}") };
         }
     }
 
@@ -323,7 +347,7 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
             why = format!("certificate {serial} renewed {}s early, in the leader's round, before the leader's", (at - now).max(0));
         }
     }
-    if let Some((node, why)) = availability_blocker(&nodes, next, now) {
+    if let Some((node, why)) = availability_blocker(&nodes, next, now).filter(|_| !restart_free(spec, &revision)) {
         return Decision::Wait { node, why };
     }
     Decision::Go { node: next.name.clone(), revision, why }
@@ -867,6 +891,10 @@ mod tests {
         Drifted,
         /// Healthy by /healthz, but its certificate expired.
         Expired,
+        /// Healthy, its certificate due for renewal (not expired).
+        Due,
+        /// Its step was given an hour ago and its helper has not reported since (powered off).
+        LostStep,
         /// A step under way.
         UnderWay,
         /// The spec's revision failed here and was rolled back (healthy again).
@@ -874,7 +902,9 @@ mod tests {
         /// Down, and its last repair failed 10 s ago: backing off.
         FailedRepair,
     }
-    const CASES: [Case; 11] = [
+    const CASES: [Case; 13] = [
+        Case::Due,
+        Case::LostStep,
         Case::Current,
         Case::Old,
         Case::Down,
@@ -899,6 +929,12 @@ mod tests {
             Case::Foreign => n = reported(name),
             Case::Drifted => n.drift = vec!["/etc/kubernetes/kcm/kcm.pem: changed since the helper wrote it".into()],
             Case::Expired => n.not_after = Some(at(NOW - 10)),
+            Case::Due => n.not_after = Some(at(NOW + 3600)),
+            Case::LostStep => {
+                n = done(name, "old");
+                n.target_revision = Some(rev.into());
+                n.observed_at = Some(at(NOW - 3600));
+            }
             Case::UnderWay => {
                 n = done(name, "old");
                 n.target_revision = Some(rev.into());
@@ -965,18 +1001,26 @@ mod tests {
                     }
                 };
                 let under_way = cases.contains(&Case::UnderWay);
+                // A lost step holds nothing: the wait it would cause names it "applying".
+                if let Decision::Wait { node, why } = d {
+                    if why.starts_with("applying") && st.iter().zip(cases).any(|(n, c)| &n.name == node && *c == Case::LostStep) {
+                        bad("a lost step holds the one-at-a-time wait");
+                    }
+                }
                 let stop = cases.contains(&Case::FailedSpec);
                 if under_way && !matches!(d, Decision::Wait { .. }) {
                     bad("no step while another is under way");
                 }
-                if let Decision::Go { node, .. } = d {
+                if let Decision::Go { node, revision, .. } = d {
                     let i = st.iter().position(|n| &n.name == node).expect("a master");
                     let next = &st[i];
                     if !fresh(next, NOW) {
                         bad("a step for a master without a fresh report");
                     }
-                    // Never a master that is up taken down while another is down or unknown.
+                    // Never a master that is up taken down while another is down or unknown
+                    // (a restart-free renewal takes nothing down).
                     if serving(next, NOW) != Serving::Down
+                        && !restart_free(&s, revision)
                         && st.iter().any(|o| o.name != next.name && matches!(serving(o, NOW), Serving::Down | Serving::Unknown))
                     {
                         bad("a master taken down while another is down or unknown");
@@ -1003,6 +1047,26 @@ mod tests {
             assert_eq!(seen, CASES.len().pow(count as u32) * (count + 1));
             assert!(violations.is_empty(), "{count} masters, {seen} clusters checked:\n{}", violations.join("\n"));
         }
+    }
+
+    #[test]
+    fn a_restart_free_renewal_does_not_wait_for_a_master_without_a_report() {
+        let mut s = spec();
+        let rev = spec_revision(&s);
+        // m3 powered off (its report an hour old, a step lost on it); m1's certificate is due.
+        let st = vec![master("m1", Case::Due, &rev), master("m2", Case::Current, &rev), master("m3", Case::LostStep, &rev)];
+        let d = run(&s, &st, Some("m2"));
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && *revision == Revision::renew(&rev, "AA").to_string()), "{d:?}");
+        // With the certificate embedded, a renewal restarts kcm: it waits for m3.
+        s.certificate.kubeconfig_mode = KubeconfigMode::Embedded;
+        let rev = spec_revision(&s);
+        let st = vec![master("m1", Case::Due, &rev), master("m2", Case::Current, &rev), master("m3", Case::LostStep, &rev)];
+        assert!(matches!(run(&s, &st, Some("m2")), Decision::Wait { node, why } if node == "m3" && why.contains("no fresh report")));
+        // A step given a minute ago to a master that has not reported since is still under way.
+        let mut m3 = master("m3", Case::LostStep, &rev);
+        m3.observed_at = Some(at(NOW - 60));
+        let st = vec![master("m1", Case::Due, &rev), master("m2", Case::Current, &rev), m3];
+        assert!(matches!(run(&s, &st, Some("m2")), Decision::Wait { node, why } if node == "m3" && why.starts_with("applying")));
     }
 
     #[test]
