@@ -464,7 +464,8 @@ impl NodeStatus {
 
 /// A target revision: the spec's revision (see [`crate::render::spec_revision`]), and what
 /// the step does beyond applying it. Written `<spec>`, `<spec>/renew-<serial>` (renew the
-/// certificate with that hex serial) or `<spec>/repair-<unix seconds>` (reinstall and
+/// certificate with that hex serial; a retry after a failed attempt adds
+/// `/try-<attempt>-<unix seconds>`, a new target) or `<spec>/repair-<unix seconds>` (reinstall and
 /// restart; the time makes a second repair of the same spec a new target).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Revision {
@@ -475,8 +476,15 @@ pub struct Revision {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Step {
     Apply,
-    Renew { serial: String },
-    Repair { at: i64 },
+    /// `retry`: the attempt (2 and up) after a failed one and when it was given (unix
+    /// seconds), written `/try-<attempt>-<at>`; the first attempt has none.
+    Renew {
+        serial: String,
+        retry: Option<(u32, i64)>,
+    },
+    Repair {
+        at: i64,
+    },
 }
 
 impl Revision {
@@ -484,7 +492,19 @@ impl Revision {
         Self { spec: spec.into(), step: Step::Apply }
     }
     pub fn renew(spec: &str, serial: &str) -> Self {
-        Self { spec: spec.into(), step: Step::Renew { serial: serial.into() } }
+        Self { spec: spec.into(), step: Step::Renew { serial: serial.into(), retry: None } }
+    }
+    /// Attempt `attempt` (2 and up) of a renewal whose earlier attempt failed, given at `at`.
+    pub fn renew_retry(spec: &str, serial: &str, attempt: u32, at: i64) -> Self {
+        Self { spec: spec.into(), step: Step::Renew { serial: serial.into(), retry: Some((attempt, at)) } }
+    }
+    /// A renewal's attempt (1 for the first) and when it was given (`None` for the first).
+    pub fn renewal_attempt(&self) -> Option<(u32, Option<i64>)> {
+        match &self.step {
+            Step::Renew { retry: Some((n, at)), .. } => Some((*n, Some(*at))),
+            Step::Renew { retry: None, .. } => Some((1, None)),
+            _ => None,
+        }
     }
     pub fn repair(spec: &str, at: i64) -> Self {
         Self { spec: spec.into(), step: Step::Repair { at } }
@@ -492,7 +512,7 @@ impl Revision {
     /// The serial (hex) of the certificate a renewal replaces.
     pub fn renews(&self) -> Option<&str> {
         match &self.step {
-            Step::Renew { serial } => Some(serial),
+            Step::Renew { serial, .. } => Some(serial),
             _ => None,
         }
     }
@@ -509,7 +529,8 @@ impl std::fmt::Display for Revision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.step {
             Step::Apply => write!(f, "{}", self.spec),
-            Step::Renew { serial } => write!(f, "{}/renew-{serial}", self.spec),
+            Step::Renew { serial, retry: None } => write!(f, "{}/renew-{serial}", self.spec),
+            Step::Renew { serial, retry: Some((n, at)) } => write!(f, "{}/renew-{serial}/try-{n}-{at}", self.spec),
             Step::Repair { at } => write!(f, "{}/repair-{at}", self.spec),
         }
     }
@@ -518,11 +539,21 @@ impl std::fmt::Display for Revision {
 impl std::str::FromStr for Revision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("revision {s:?}: expected <spec>, <spec>/renew-<serial> or <spec>/repair-<unix seconds>");
+        let bad = || format!("revision {s:?}: expected <spec>, <spec>/renew-<serial>[/try-<attempt>-<unix seconds>] or <spec>/repair-<unix seconds>");
+        let hex = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_hexdigit());
         let (spec, step) = match s.split_once('/') {
             None => (s, Step::Apply),
             Some((spec, rest)) => match (rest.strip_prefix("renew-"), rest.strip_prefix("repair-")) {
-                (Some(serial), _) if !serial.is_empty() && serial.chars().all(|c| c.is_ascii_hexdigit()) => (spec, Step::Renew { serial: serial.into() }),
+                (Some(serial), _) if hex(serial) => (spec, Step::Renew { serial: serial.into(), retry: None }),
+                (Some(renew), _) => {
+                    let (serial, retry) = renew.split_once("/try-").ok_or_else(bad)?;
+                    let (n, at) = retry.split_once('-').ok_or_else(bad)?;
+                    let (n, at) = (n.parse::<u32>().map_err(|_| bad())?, at.parse::<i64>().map_err(|_| bad())?);
+                    if !hex(serial) || n < 2 {
+                        return Err(bad());
+                    }
+                    (spec, Step::Renew { serial: serial.into(), retry: Some((n, at)) })
+                }
                 (_, Some(at)) => (spec, Step::Repair { at: at.parse().map_err(|_| bad())? }),
                 _ => return Err(bad()),
             },
@@ -552,7 +583,7 @@ impl JsonSchema for Revision {
         "Revision".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string", "maxLength": 256, "pattern": "^[A-Za-z0-9.-]+(/renew-[0-9A-Fa-f]+|/repair-[0-9]+)?$"})
+        schemars::json_schema!({"type": "string", "maxLength": 256, "pattern": "^[A-Za-z0-9.-]+(/renew-[0-9A-Fa-f]+(/try-[0-9]+-[0-9]+)?|/repair-[0-9]+)?$"})
     }
     fn inline_schema() -> bool {
         true
@@ -655,6 +686,7 @@ mod tests {
             ("a1b2c3d4e5f6", Revision::apply("a1b2c3d4e5f6")),
             ("a1b2c3d4e5f6/renew-0A1b", Revision::renew("a1b2c3d4e5f6", "0A1b")),
             ("a1b2c3d4e5f6/repair-1800000000", Revision::repair("a1b2c3d4e5f6", 1_800_000_000)),
+            ("a1b2c3d4e5f6/renew-0A1b/try-2-1800000000", Revision::renew_retry("a1b2c3d4e5f6", "0A1b", 2, 1_800_000_000)),
         ] {
             assert_eq!(text.parse::<Revision>().unwrap(), rev);
             assert_eq!(rev.to_string(), text);
@@ -662,7 +694,24 @@ mod tests {
         }
         assert_eq!("abc/renew-ff".parse::<Revision>().unwrap().renews(), Some("ff"));
         assert_eq!("abc/repair-12".parse::<Revision>().unwrap().repair_at(), Some(12));
-        for bad in ["", "abc/", "abc/renew-", "abc/renew-xyz", "abc/repair-soon", "abc/other-1", "a b", "abc/renew-ff/x", "x\ny"] {
+        assert_eq!("abc/renew-ff/try-3-12".parse::<Revision>().unwrap().renews(), Some("ff"), "a retry renews the same certificate");
+        assert_eq!("abc/renew-ff/try-3-12".parse::<Revision>().unwrap().renewal_attempt(), Some((3, Some(12))));
+        assert_eq!("abc/renew-ff".parse::<Revision>().unwrap().renewal_attempt(), Some((1, None)));
+        for bad in [
+            "",
+            "abc/",
+            "abc/renew-",
+            "abc/renew-xyz",
+            "abc/repair-soon",
+            "abc/other-1",
+            "a b",
+            "abc/renew-ff/x",
+            "x\ny",
+            "abc/renew-ff/try-1-12",
+            "abc/renew-ff/try-2",
+            "abc/renew-/try-2-12",
+            "abc/renew-ff/try-2-12/x",
+        ] {
             assert!(bad.parse::<Revision>().is_err(), "{bad:?} parses");
         }
     }

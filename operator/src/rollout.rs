@@ -43,8 +43,33 @@ pub enum Decision {
     Stop { node: String, reason: String },
     /// Paused by the spec.
     Paused,
-    /// `node`'s repair failed; the next try waits (Degraded `RepairFailed`).
-    Backoff { node: String, reason: String },
+    /// `node`'s repair or renewal failed; the next try waits (Degraded `RepairFailed` or
+    /// `RenewalFailed`).
+    Backoff { node: String, step: BackoffStep, reason: String },
+}
+
+/// What kind of step backs off after failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackoffStep {
+    Repair,
+    Renewal,
+}
+
+impl BackoffStep {
+    /// The reasons of the Progressing and Degraded conditions.
+    fn reasons(self) -> (&'static str, &'static str) {
+        match self {
+            BackoffStep::Repair => ("RepairBackoff", "RepairFailed"),
+            BackoffStep::Renewal => ("RenewalBackoff", "RenewalFailed"),
+        }
+    }
+}
+
+/// After the failed attempt `attempt` of a renewal, the next waits this long (seconds) from
+/// when that attempt was given: one minute, doubled each attempt, at most an hour. The first
+/// retry goes at once (when the first attempt was given is not written in its revision).
+pub fn renewal_backoff(attempt: u32) -> i64 {
+    60i64.saturating_mul(1i64 << attempt.saturating_sub(1).min(6)).min(3600)
 }
 
 /// The spec part of a target revision ([`Revision`]), `None` when it does not parse.
@@ -251,6 +276,31 @@ pub fn restart_free(spec: &KubeControllerManagerSpec, revision: &str) -> bool {
     spec.certificate.kubeconfig_mode == KubeconfigMode::Referenced && revision.parse::<Revision>().is_ok_and(|r| r.renews().is_some())
 }
 
+/// What to do with a renewal `wanted` gives a master, after its last attempt.
+enum Retry {
+    /// No failed attempt of it: the first.
+    First,
+    /// The last attempt failed and its backoff is over: this revision, this attempt.
+    Next(String, u32),
+    /// The last attempt failed and its backoff is not over: why, and until when.
+    Wait(String),
+}
+
+fn retry_renewal(wanted: &str, n: &NodeStatus, now: i64) -> Retry {
+    let Ok(want) = wanted.parse::<Revision>() else { return Retry::First };
+    let Some(serial) = want.renews() else { return Retry::First };
+    let failed = n.target_revision.is_some() && n.failed_revision == n.target_revision;
+    let last = n.failed_revision.as_deref().filter(|_| failed).and_then(|r| r.parse::<Revision>().ok());
+    let Some((attempt, given)) = last.as_ref().filter(|r| r.spec == want.spec && r.renews() == Some(serial)).and_then(Revision::renewal_attempt) else {
+        return Retry::First;
+    };
+    let retry_at = given.map_or(i64::MIN, |g| g + renewal_backoff(attempt));
+    if now < retry_at {
+        return Retry::Wait(format!("renewal of {serial} failed (attempt {attempt}): {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at)));
+    }
+    Retry::Next(Revision::renew_retry(&want.spec, serial, attempt + 1, now).to_string(), attempt + 1)
+}
+
 /// Decides the next step.
 ///
 /// - One step at a time: while a master applies its target, wait (not for a lost step:
@@ -284,10 +334,12 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     }
 
     // The spec's revision failed on a master and was rolled back: it is known bad, so no
-    // master gets it, not even as a repair, until the spec changes.
+    // master gets it, not even as a repair, until the spec changes. (A failed renewal or
+    // repair is retried after a backoff: the spec may well be good.)
     for n in &nodes {
         if let Some(t) = n.target_revision.as_deref() {
-            if n.failed_revision.as_deref() == Some(t) && spec_part(t).as_deref() == Some(rev.as_str()) && repair_given_at(t).is_none() {
+            let apply = t.parse::<Revision>().is_ok_and(|r| r.step == crate::api::Step::Apply);
+            if n.failed_revision.as_deref() == Some(t) && spec_part(t).as_deref() == Some(rev.as_str()) && apply {
                 return Decision::Stop { node: n.name.clone(), reason: n.message.clone().unwrap_or_else(|| format!("revision {t} failed")) };
             }
         }
@@ -302,7 +354,11 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         if let Some(given) = n.target_revision.as_deref().filter(|_| failed_repair).and_then(repair_given_at) {
             let retry_at = given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
             if now < retry_at {
-                backing_off.get_or_insert((n.name.clone(), format!("repair failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at))));
+                backing_off.get_or_insert((
+                    n.name.clone(),
+                    BackoffStep::Repair,
+                    format!("repair failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at)),
+                ));
                 continue;
             }
         }
@@ -310,21 +366,34 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         // (healthy) entry too, so the first blocked one ends the search.
         if let Some((node, why)) = availability_blocker(&nodes, n, now) {
             return match backing_off {
-                Some((node, reason)) => Decision::Backoff { node, reason },
+                Some((node, step, reason)) => Decision::Backoff { node, step, reason },
                 None => Decision::Wait { node, why },
             };
         }
         return Decision::Go { node: n.name.clone(), revision: repair_revision(&rev, now), why: format!("repair: {}", p.join("; ")) };
     }
-    if let Some((node, reason)) = backing_off {
-        return Decision::Backoff { node, reason };
+    if let Some((node, step, reason)) = backing_off {
+        return Decision::Backoff { node, step, reason };
     }
 
-    let mut todo: Vec<(&NodeStatus, String, String)> =
-        nodes.iter().filter(|n| fresh(n, now)).filter_map(|n| wanted(spec, &rev, n, f.ca_not_after, now).map(|(r, why)| (n, r, why))).collect();
+    let mut todo: Vec<(&NodeStatus, String, String)> = Vec::new();
+    for n in nodes.iter().filter(|n| fresh(n, now)) {
+        let Some((r, why)) = wanted(spec, &rev, n, f.ca_not_after, now) else { continue };
+        match retry_renewal(&r, n, now) {
+            Retry::First => todo.push((n, r, why)),
+            Retry::Next(r, attempt) => todo.push((n, r, format!("{why}; attempt {attempt}, the last one failed: {}", n.message.as_deref().unwrap_or("?")))),
+            Retry::Wait(reason) => {
+                backing_off.get_or_insert((n.name.clone(), BackoffStep::Renewal, reason));
+            }
+        }
+    }
+    let backoff_or = |d: Decision| match &backing_off {
+        Some((node, step, reason)) => Decision::Backoff { node: node.clone(), step: *step, reason: reason.clone() },
+        None => d,
+    };
     // The leader's node goes last; otherwise by name, for a predictable order.
     todo.sort_by_key(|(n, _, _)| (is_leader(n), n.name.clone()));
-    let Some((mut next, mut revision, mut why)) = todo.into_iter().next() else { return Decision::Done };
+    let Some((mut next, mut revision, mut why)) = todo.into_iter().next() else { return backoff_or(Decision::Done) };
     // The leader's renewal is due before the others': first renew, early, the followers whose
     // certificates are of the same round (ending at most a round window after the leader's),
     // so the leader's master still goes last. A follower renewed since is not pulled again.
@@ -334,6 +403,8 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         let early = nodes
             .iter()
             .filter(|n| !is_leader(n) && fresh(n, now) && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str()))
+            // One whose renewal failed is retried on its own schedule, not pulled early.
+            .filter(|n| n.failed_revision.as_deref().and_then(|r| r.parse::<Revision>().ok()).is_none_or(|r| r.renews().is_none()))
             .filter_map(|n| {
                 let not_after = n.not_after.as_deref().and_then(parse_time)?;
                 let serial = n.cert_serial.as_deref()?;
@@ -348,7 +419,7 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         }
     }
     if let Some((node, why)) = availability_blocker(&nodes, next, now).filter(|_| !restart_free(spec, &revision)) {
-        return Decision::Wait { node, why };
+        return backoff_or(Decision::Wait { node, why });
     }
     Decision::Go { node: next.name.clone(), revision, why }
 }
@@ -524,7 +595,7 @@ pub fn aggregate(
     let (progressing, preason, pmsg) = match decision {
         Decision::Go { node, revision, .. } => (true, "RollingOut", format!("{node} gets {revision}")),
         Decision::Wait { node, why } => (true, "Waiting", format!("{node}: {why}")),
-        Decision::Backoff { node, reason } => (true, "RepairBackoff", format!("{node}: {reason}")),
+        Decision::Backoff { node, step, reason } => (true, step.reasons().0, format!("{node}: {reason}")),
         Decision::Done => (false, "UpToDate", "every master runs the spec".to_string()),
         Decision::Paused => (false, "Paused", "spec.paused is true".to_string()),
         Decision::Stop { node, .. } => (false, "Stopped", format!("stopped at {node}")),
@@ -534,7 +605,7 @@ pub fn aggregate(
         masters.iter().filter_map(|m| nodes.iter().find(|n| &n.name == m).and_then(|n| n.operator_pod_error.as_ref().map(|e| format!("{m}: {e}")))).collect();
     let (degraded, dreason, dmsg) = match decision {
         Decision::Stop { node, reason } => (true, "RolloutFailed", format!("{node}: {reason}")),
-        Decision::Backoff { node, reason } => (true, "RepairFailed", format!("{node}: {reason}")),
+        Decision::Backoff { node, step, reason } => (true, step.reasons().1, format!("{node}: {reason}")),
         _ if !pod_errors.is_empty() => (true, "OperatorPodNotPlaced", pod_errors.join("; ")),
         _ => match ca_message {
             Some(m) => (true, "ClusterCAExpiring", m.to_string()),
@@ -615,9 +686,10 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
             publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, "RolloutStopped", &format!("{node}: {reason}")).await;
         }
     }
-    if let Decision::Backoff { node, reason } = &decision {
-        if !was_degraded("RepairFailed") {
-            publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, "RepairFailed", &format!("{node}: {reason}")).await;
+    if let Decision::Backoff { node, step, reason } = &decision {
+        let failed = step.reasons().1;
+        if !was_degraded(failed) {
+            publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, failed, &format!("{node}: {reason}")).await;
         }
     }
 
@@ -895,6 +967,8 @@ mod tests {
         Due,
         /// Its step was given an hour ago and its helper has not reported since (powered off).
         LostStep,
+        /// Healthy, its certificate due, the renewal's first attempt failed (rolled back).
+        FailedRenewal,
         /// A step under way.
         UnderWay,
         /// The spec's revision failed here and was rolled back (healthy again).
@@ -902,7 +976,8 @@ mod tests {
         /// Down, and its last repair failed 10 s ago: backing off.
         FailedRepair,
     }
-    const CASES: [Case; 13] = [
+    const CASES: [Case; 14] = [
+        Case::FailedRenewal,
         Case::Due,
         Case::LostStep,
         Case::Current,
@@ -930,6 +1005,12 @@ mod tests {
             Case::Drifted => n.drift = vec!["/etc/kubernetes/kcm/kcm.pem: changed since the helper wrote it".into()],
             Case::Expired => n.not_after = Some(at(NOW - 10)),
             Case::Due => n.not_after = Some(at(NOW + 3600)),
+            Case::FailedRenewal => {
+                n.not_after = Some(at(NOW + 3600));
+                let r = Revision::renew(rev, "AA").to_string();
+                n.target_revision = Some(r.clone());
+                n.failed_revision = Some(r);
+            }
             Case::LostStep => {
                 n = done(name, "old");
                 n.target_revision = Some(rev.into());
@@ -1001,6 +1082,10 @@ mod tests {
                     }
                 };
                 let under_way = cases.contains(&Case::UnderWay);
+                // Only a failed spec apply stops the rollout; a failed renewal is retried.
+                if matches!(d, Decision::Stop { .. }) && !cases.contains(&Case::FailedSpec) {
+                    bad("a stop without a failed spec apply");
+                }
                 // A lost step holds nothing: the wait it would cause names it "applying".
                 if let Decision::Wait { node, why } = d {
                     if why.starts_with("applying") && st.iter().zip(cases).any(|(n, c)| &n.name == node && *c == Case::LostStep) {
@@ -1047,6 +1132,45 @@ mod tests {
             assert_eq!(seen, CASES.len().pow(count as u32) * (count + 1));
             assert!(violations.is_empty(), "{count} masters, {seen} clusters checked:\n{}", violations.join("\n"));
         }
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_with_a_growing_backoff_and_stops_nothing() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        // m1's first renewal attempt failed (its CSR was never decided): retried at once, as
+        // attempt 2; the others are untouched.
+        let mut st = vec![master("m1", Case::FailedRenewal, &rev), master("m2", Case::Current, &rev), master("m3", Case::Current, &rev)];
+        st[0].message = Some("CSR kcm-m1-0a0b0c0d: no certificate within 120s".into());
+        let d = run(&s, &st, Some("m3"));
+        let second = Revision::renew_retry(&rev, "AA", 2, NOW).to_string();
+        assert!(matches!(&d, Decision::Go { node, revision, why } if node == "m1" && *revision == second && why.contains("attempt 2")), "{d:?}");
+        // Attempt 2 failed too: attempt 3 waits renewal_backoff(2) from when 2 was given.
+        let given = NOW - 30;
+        let failed = Revision::renew_retry(&rev, "AA", 2, given).to_string();
+        (st[0].target_revision, st[0].failed_revision) = (Some(failed.clone()), Some(failed));
+        let d = run(&s, &st, Some("m3"));
+        assert!(
+            matches!(&d, Decision::Backoff { node, step: BackoffStep::Renewal, reason } if node == "m1" && reason.contains("attempt 2") && reason.contains("no certificate")),
+            "{d:?}"
+        );
+        let (_, conds) = aggregate(&masters(), &st, &d, None, NOW);
+        assert!(conds.iter().any(|(t, on, reason, _)| *t == "Degraded" && *on && reason == "RenewalFailed"), "{conds:?}");
+        let later = given + renewal_backoff(2);
+        for n in &mut st {
+            n.observed_at = Some(at(later - 1));
+        }
+        let d = decide(&s, &Facts { masters: &masters(), status: &st, leader: Some("m3"), ca_not_after: None, now: later });
+        let third = Revision::renew_retry(&rev, "AA", 3, later).to_string();
+        assert!(matches!(&d, Decision::Go { node, revision, .. } if node == "m1" && *revision == third), "{d:?}");
+        // While m1 backs off, another master's due renewal goes on.
+        st[1].not_after = Some(at(NOW + 3600));
+        for n in &mut st {
+            n.observed_at = Some(at(NOW - 1));
+        }
+        let d = run(&s, &st, Some("m3"));
+        assert!(matches!(&d, Decision::Go { node, .. } if node == "m2"), "{d:?}");
+        assert_eq!((renewal_backoff(1), renewal_backoff(2), renewal_backoff(3), renewal_backoff(40)), (60, 120, 240, 3600));
     }
 
     #[test]
