@@ -66,14 +66,16 @@ fn rfc3339_now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
-/// Takes the REJECT rule out again, also when the test panics.
-struct Unblock(String, String);
+/// Takes the REJECT rules (`(iptables or ip6tables, rule)`) out again, also when the test panics.
+struct Unblock(String, Vec<(&'static str, String)>);
 
 impl Drop for Unblock {
     fn drop(&mut self) {
-        let (ok, out) = on_node(&self.0, &format!("while iptables -D {}; do :; done; true", self.1));
-        if !ok {
-            eprintln!("removing the iptables rule on {}: {out}", self.0);
+        for (tool, rule) in &self.1 {
+            let (ok, out) = on_node(&self.0, &format!("while {tool} -D {rule} 2>/dev/null; do :; done; true"));
+            if !ok {
+                eprintln!("removing the {tool} rule on {}: {out}", self.0);
+            }
         }
     }
 }
@@ -156,14 +158,26 @@ async fn the_operator_reaches_an_apiserver_bound_to_the_node_address_only() {
     let kcm_leader = e2e::kind::kcm_lease(&c).await.and_then(|l| l.node());
     let op_leader = operator_lease(&c).await.and_then(|l| l.node());
     let cut = masters.iter().find(|m| Some(*m) != kcm_leader.as_ref() && Some(*m) != op_leader.as_ref()).expect("a master that leads nothing").clone();
-    let (ok, lb) = sh(std::process::Command::new("docker").args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", LB_CONTAINER]));
-    let lb = lb.trim().to_string();
-    assert!(ok && !lb.is_empty(), "the load balancer's address: {lb}");
-    let rule = format!("OUTPUT -p tcp -d {lb} --dport 6443 -j REJECT --reject-with tcp-reset");
+    // Both families: the load balancer's name may resolve to an IPv6 address too.
+    let (ok, lb) = sh(std::process::Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.GlobalIPv6Address}} {{end}}",
+        LB_CONTAINER,
+    ]));
+    let addrs: Vec<String> = lb.split_whitespace().map(str::to_string).collect();
+    assert!(ok && !addrs.is_empty(), "the load balancer's addresses: {lb}");
+    let lb = addrs.join(",");
+    let rules: Vec<(&'static str, String)> = addrs
+        .iter()
+        .map(|a| (if a.contains(':') { "ip6tables" } else { "iptables" }, format!("OUTPUT -p tcp -d {a} --dport 6443 -j REJECT --reject-with tcp-reset")))
+        .collect();
     let cut_at = rfc3339_now();
-    let (ok, out) = on_node(&cut, &format!("iptables -I {rule}"));
-    assert!(ok, "iptables on {cut}: {out}");
-    let unblock = Unblock(cut.clone(), rule);
+    let unblock = Unblock(cut.clone(), rules.clone());
+    for (tool, rule) in &rules {
+        let (ok, out) = on_node(&cut, &format!("{tool} -I {rule}"));
+        assert!(ok, "{tool} on {cut}: {out}");
+    }
     let t0 = Instant::now();
     let unready = poll(&format!("{cut}'s operator not Ready"), Duration::from_secs(30), || async { (operator_readyz(&cut) != "200").then_some(()) }).await;
     assert!(unready.is_some(), "{cut}'s operator still Ready 30s after its apiserver was cut off\n{}", operator_log(&cut, &cut_at));
@@ -182,7 +196,7 @@ async fn the_operator_reaches_an_apiserver_bound_to_the_node_address_only() {
     let log = operator_log(&cut, &cut_at);
     assert_eq!(log.lines().filter(|l| l.contains("apiserver answers again")).count(), 1, "{cut}: its return logged once:\n{log}");
     println!(
-        "{cut} cut off from {lb}:6443: not Ready after {:.1}s, one log line over {looks}+ failed looks; Ready again {:.1}s after",
+        "{cut} cut off from {lb} port 6443: not Ready after {:.1}s, one log line over {looks}+ failed looks; Ready again {:.1}s after",
         not_ready_after.as_secs_f64(),
         back_at.elapsed().as_secs_f64()
     );
