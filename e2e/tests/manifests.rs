@@ -88,6 +88,10 @@ async fn kustomizations_apply_on_a_real_apiserver_and_bad_crs_are_rejected() {
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  certificate:\n    keyAlgorithm: DSA\n"), "keyAlgorithm"),
         (cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  kcm:\n    securePort: 70000\n"), "securePort"),
         (cr("another-name", "  apiserverUrl: https://10.0.0.1:6443\n"), "kube-controller-manager"),
+        (
+            cr("kube-controller-manager", "  apiserverUrl: https://10.0.0.1:6443\n  masterSelector:\n    example.com/master: \"true\"\n"),
+            "labels a kubelet cannot set on itself",
+        ),
         (cr("kube-controller-manager", "  clusterName: x\n"), "apiserverUrl"),
     ];
     for (doc, want) in &cases {

@@ -85,8 +85,15 @@ pub const STALE_AFTER_SECS: i64 = 3 * REPORT_PERIOD_SECS;
 #[serde(rename_all = "camelCase")]
 pub struct KubeControllerManagerSpec {
     /// Labels selecting the masters kcm runs on. Default: kubeadm's control-plane role label.
+    /// Only labels a kubelet cannot set on its own Node (NodeRestriction):
+    /// `node-role.kubernetes.io/*` and `node-restriction.kubernetes.io/*`. A worker that could
+    /// label itself a master would get a rescue pod and a kcm certificate.
     #[serde(default = "default_master_selector")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "size(self) > 0", "message": "masterSelector must select on at least one label"}]))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "size(self) > 0", "message": "masterSelector must select on at least one label"},
+        {"rule": "self.all(k, k.startsWith('node-role.kubernetes.io/') || k.startsWith('node-restriction.kubernetes.io/'))",
+         "message": "masterSelector may only use labels a kubelet cannot set on itself: node-role.kubernetes.io/* or node-restriction.kubernetes.io/*"},
+    ]))]
     pub master_selector: BTreeMap<String, String>,
     /// The apiserver URL written into the kubeconfig (seed: ${KUBE_APISERVER}).
     #[schemars(length(max = MAX_TEXT), extend("x-kubernetes-validations" = [
@@ -269,6 +276,15 @@ fn path_rules(field: &str) -> serde_json::Value {
 fn optional_path_rules(field: &str) -> serde_json::Value {
     let rule = format!("self == '' || ({ABSOLUTE_NO_DOTDOT})");
     serde_json::json!([{"rule": rule, "message": format!("{field} must be empty or an absolute path without '..'")}, no_control_rule(field)])
+}
+
+/// The label prefixes a `masterSelector` may use: no kubelet may set them on its own Node
+/// (NodeRestriction admission).
+pub const MASTER_LABEL_PREFIXES: [&str; 2] = ["node-role.kubernetes.io/", "node-restriction.kubernetes.io/"];
+
+/// Whether `key` is a label a kubelet cannot set on itself ([`MASTER_LABEL_PREFIXES`]).
+pub fn master_label_allowed(key: &str) -> bool {
+    MASTER_LABEL_PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
 fn default_master_selector() -> BTreeMap<String, String> {

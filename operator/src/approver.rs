@@ -99,7 +99,9 @@ async fn decided_event(ctx: &Ctx, csr: &CertificateSigningRequest, type_: EventT
 /// Whether a node's labels match the master selector.
 pub fn is_master(node: &Node, selector: &BTreeMap<String, String>) -> bool {
     let labels = node.labels();
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    // Fail closed on a selector the CRD would refuse (a CR from before the rule): a label a
+    // kubelet can set on itself selects no master.
+    !selector.is_empty() && selector.keys().all(|k| crate::api::master_label_allowed(k)) && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// Whether a pod is a node-helper pod: controlled by the helper DaemonSet `ds_uid` names
@@ -309,4 +311,31 @@ pub async fn run(client: kube::Client, config: SignerConfig, metrics: OperatorMe
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        n
+    }
+
+    #[test]
+    fn only_labels_a_kubelet_cannot_set_on_itself_select_masters() {
+        let cp = BTreeMap::from([(crate::api::CONTROL_PLANE_LABEL.to_string(), String::new())]);
+        assert!(is_master(&node(&[(crate::api::CONTROL_PLANE_LABEL, "")]), &cp));
+        assert!(!is_master(&node(&[("kubernetes.io/os", "linux")]), &cp));
+        let restricted = BTreeMap::from([("node-restriction.kubernetes.io/kcm".to_string(), "yes".to_string())]);
+        assert!(is_master(&node(&[("node-restriction.kubernetes.io/kcm", "yes")]), &restricted));
+        // A label any kubelet may put on its own Node (--node-labels) selects nothing, even
+        // on a node that carries it: a worker could make itself a master.
+        let forgeable = BTreeMap::from([("example.com/master".to_string(), "true".to_string())]);
+        assert!(!is_master(&node(&[("example.com/master", "true")]), &forgeable));
+        let mixed = BTreeMap::from([(crate::api::CONTROL_PLANE_LABEL.to_string(), String::new()), ("example.com/master".to_string(), "true".to_string())]);
+        assert!(!is_master(&node(&[(crate::api::CONTROL_PLANE_LABEL, ""), ("example.com/master", "true")]), &mixed));
+        assert!(!is_master(&node(&[]), &BTreeMap::new()), "an empty selector selects no master");
+    }
 }
