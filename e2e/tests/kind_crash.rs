@@ -93,11 +93,15 @@ async fn crash_at(c: &kube::Client, masters: &[String], health: &HealthWatch, ta
     assert_eq!(restarts, 1, "{point}: the helper on {target} was killed once (container restarts)");
     assert_eq!(down, 1, "{point}: the repair took {target}'s kcm down once, and no other with it");
     // kcm was started once for the step: a resumed step restarts it once, a finished one is
-    // never redone (systemd's journal on the node, since the step was armed).
+    // never redone (systemd's journal on the node, since the step was armed). Starts systemd
+    // made itself (Restart=on-failure: "Scheduled restart job") are not the step's: kcm whose
+    // certificate file was deleted may exit by itself before the repair.
     let unit = std::path::Path::new(&paths.unit).file_name().and_then(|n| n.to_str()).expect("unit file name").to_string();
-    let (_, started) = on_node(target, &format!("journalctl -u {unit} -o cat --no-pager --since @{node_t0} | grep '^Started ' || true"));
-    let starts = started.lines().filter(|l| !l.trim().is_empty()).count();
-    assert_eq!(starts, 1, "{point}: kcm on {target} started {starts} times for the step:\n{started}");
+    let (_, journal) = on_node(target, &format!("journalctl -u {unit} -o cat --no-pager --since @{node_t0} || true"));
+    let starts = journal.lines().filter(|l| l.starts_with("Started ")).count();
+    let by_systemd = journal.lines().filter(|l| l.contains("Scheduled restart job")).count();
+    println!("{point}: kcm on {target} started {starts} times since the step was armed, {by_systemd} of them by systemd's Restart=");
+    assert_eq!(starts - by_systemd.min(starts), 1, "{point}: kcm on {target} started {starts} times for the step ({by_systemd} by systemd):\n{journal}");
     assert!(!on_node(target, &format!("test -e {CRASH_AT}")).0, "{point}: the hook fired and removed itself");
 
     // The master's files belong together, and kcm serves the certificate on disk.
