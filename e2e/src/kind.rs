@@ -236,6 +236,58 @@ pub fn write_on_node(node: &str, path: &str, content: &[u8], mode: &str) -> (boo
     }
 }
 
+/// Seed 2.3 on one master: kcm's `/metrics` on `https://<ip>:<port>` answers with the
+/// admin's client certificate (from the kind kubeconfig) and refuses without one (401/403),
+/// the server checked against `ca_pem`.
+pub fn metrics_with_admin_cert(ip: &str, port: u16, ca_pem: &str) -> Result<(), String> {
+    let kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let user = &kc["users"][0]["user"];
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let b64 = |v: &serde_yaml::Value| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v.as_str().unwrap_or_default()).unwrap_or_default();
+    let file = |name: &str, body: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).map(|_| p.display().to_string()).map_err(|e| e.to_string())
+    };
+    let (cert, key, ca) = (
+        file("admin.pem", &b64(&user["client-certificate-data"]))?,
+        file("admin-key.pem", &b64(&user["client-key-data"]))?,
+        file("ca.pem", ca_pem.as_bytes())?,
+    );
+    let url = format!("https://{}/metrics", std::net::SocketAddr::new(ip.parse().map_err(|e| format!("{ip}: {e}"))?, port));
+    let (ok, out) = sh(Command::new("curl").args(["-sS", "--max-time", "10", "--cacert", &ca, "--cert", &cert, "--key", &key, &url]));
+    if !(ok && out.contains("workqueue_adds_total")) {
+        return Err(format!("metrics from {url} with the admin cert: {}", &out[..out.len().min(400)]));
+    }
+    let (_, anon) = sh(Command::new("curl").args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &ca, &url]));
+    if !(anon.trim() == "401" || anon.trim() == "403") {
+        return Err(format!("metrics without a client certificate on {url}: HTTP {anon}"));
+    }
+    Ok(())
+}
+
+/// Seed 2.4: [`probe_deployment`] created in namespace `ns` (made if missing) gets its
+/// ReplicaSet and its 2 Pods from kcm within `within`; the Pods, or why not.
+pub async fn deployment_gets_pods(c: &kube::Client, ns: &str, within: std::time::Duration) -> Result<Vec<Pod>, String> {
+    use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+    let (ok, out) = kubectl(&["create", "namespace", ns]);
+    if !ok && !out.contains("AlreadyExists") {
+        return Err(format!("creating namespace {ns}: {out}"));
+    }
+    let _ = Api::<Deployment>::namespaced(c.clone(), ns).create(&Default::default(), &probe_deployment()).await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let rs = Api::<ReplicaSet>::namespaced(c.clone(), ns).list(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0);
+        let pods = Api::<Pod>::namespaced(c.clone(), ns).list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+        if rs > 0 && pods.len() == 2 {
+            return Ok(pods);
+        }
+        if t0.elapsed() > within {
+            return Err(format!("the Deployment got {rs} ReplicaSet(s) and {} Pod(s) within {within:?}", pods.len()));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// Pods in the operator's namespace with `app.kubernetes.io/name=<app>`.
 pub async fn pods_with_app(c: &kube::Client, app: &str) -> Vec<Pod> {
     Api::<Pod>::namespaced(c.clone(), kcm_operator::api::NAMESPACE)

@@ -6,5 +6,6 @@ pub mod apitier;
 pub mod bench;
 pub mod kind;
 pub mod leadership;
+pub mod seed;
 
 pub use apitier::{bound_sa_token, whoami, ApiServer, ApiServerOptions};

@@ -15,151 +15,42 @@
 //! pod remains.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::kind::{
-    all_healthy, client, cr, diagnostics, kcm_lease, kubectl, masters, now_secs, on_node, pod_node, pod_ready, pods_with_app, process_running, write_on_node,
-};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kcm_operator::api::{HostPaths, KubeControllerManagerSpec, HELPER_APP, HELPER_DAEMONSET, NAMESPACE, OPERATOR_MANIFEST, RESCUE_APP};
-use kube::api::{Api, ListParams, PostParams};
+use e2e::kind::{all_healthy, client, diagnostics, kubectl, masters, now_secs, on_node, pod_node, pod_ready, pods_with_app, process_running, write_on_node};
+use e2e::seed::*;
+use k8s_openapi::api::core::v1::Pod;
+use kcm_operator::api::{HELPER_APP, HELPER_DAEMONSET, NAMESPACE, OPERATOR_MANIFEST, RESCUE_APP};
+use kube::api::{Api, ListParams};
 
-const APISERVER: &str = "https://kcm-external-load-balancer:6443";
-const IMAGE: &str = "kcm-operator/kcm-operator:dev";
-const MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
 const SCHEDULER_MANIFEST: &str = "/etc/kubernetes/manifests/kube-scheduler.yaml";
 const SCHEDULER_STOPPED: &str = "/etc/kubernetes/kube-scheduler.yaml.stopped";
-/// The seed's layout (manifests/kubecontrollermanager.yaml leaves the paths at their defaults).
-const SEED_CA: &str = "/etc/kubernetes/cert/ca.pem";
-const SEED_CA_KEY: &str = "/etc/kubernetes/cert/ca-key.pem";
-const SEED_CERT: &str = "/etc/kubernetes/cert/kube-controller-manager.pem";
-const SEED_KEY: &str = "/etc/kubernetes/cert/kube-controller-manager-key.pem";
-const SEED_KUBECONFIG: &str = "/etc/kubernetes/kube-controller-manager.kubeconfig";
-const SEED_UNIT: &str = "/etc/systemd/system/kube-controller-manager.service";
-const SEED_WORKING_DIR: &str = "/data/k8s/k8s/kube-controller-manager";
-/// What kind_ha.rs installed (manifests/kind) and kubeadm's kcm.
-const KIND_KCM_DIR: &str = "/etc/kubernetes/kcm";
-const KUBEADM_KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
-
-/// Puts kube-scheduler's manifest back on every master, also when the test panics.
-struct SchedulerBack(Vec<String>);
-
-impl Drop for SchedulerBack {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let (ok, out) = on_node(n, &format!("if [ -f {SCHEDULER_STOPPED} ]; then mv {SCHEDULER_STOPPED} {SCHEDULER_MANIFEST}; fi"));
-            if !ok {
-                eprintln!("putting kube-scheduler back on {n}: {out}");
-            }
-        }
-    }
-}
-
-/// Waits (bounded) until `f` holds for every node; panics with `what` otherwise.
-async fn wait_nodes(nodes: &[String], within: Duration, what: &str, f: impl Fn(&str) -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let pending: Vec<&String> = nodes.iter().filter(|n| !f(n)).collect();
-        if pending.is_empty() {
-            return t0.elapsed();
-        }
-        assert!(t0.elapsed() < within, "{what}: not done within {within:?} on {pending:?}\n{}", diagnostics());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-fn must(node: &str, script: &str) -> String {
-    let (ok, out) = on_node(node, script);
-    assert!(ok, "on {node}: `{script}`: {out}");
-    out
-}
 
 #[tokio::test]
 async fn seed_bootstrap_without_kcm_or_scheduler() {
     let c = client().await;
     let masters = masters(&c).await;
     assert_eq!(masters.len(), 3, "three control-plane nodes: {masters:?}");
-    let old_paths = cr(&c).await.map(|(k, _)| k.spec.paths);
 
     // ---------------------------------------------------------------- tear down
-    // Ours first, while kcm still runs (the garbage collector removes the DaemonSet's pods).
-    let (ok, out) = kubectl(&["delete", "kubecontrollermanager", "kube-controller-manager", "--ignore-not-found", "--timeout=120s"]);
-    assert!(ok, "deleting the CR: {out}\n{}", diagnostics());
-    let (ok, out) = kubectl(&["-n", NAMESPACE, "delete", "ds", HELPER_DAEMONSET, "--ignore-not-found", "--wait", "--timeout=120s"]);
-    assert!(ok, "deleting the DaemonSet: {out}\n{}", diagnostics());
-    let t0 = Instant::now();
-    while !pods_with_app(&c, HELPER_APP).await.is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the DaemonSet's pods are not gone within 120s\n{}", diagnostics());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    for m in &masters {
-        must(m, &format!("rm -f {MANIFEST_DIR}/{OPERATOR_MANIFEST}"));
-    }
-    let took = wait_nodes(&masters, Duration::from_secs(120), "no kcm-operator process", |n| !process_running(n, "kcm-operator")).await;
-    println!("teardown: CR, DaemonSet and operator static pods gone ({:.0}s for the operator processes)", took.as_secs_f64());
-    let (ok, out) =
-        kubectl(&["-n", NAMESPACE, "delete", "pod", "-l", &format!("app.kubernetes.io/name={RESCUE_APP}"), "--ignore-not-found", "--wait", "--timeout=120s"]);
-    assert!(ok, "deleting leftover rescue pods: {out}");
-
-    // kcm: ours (kind layout) and kubeadm's, and anything a previous run left at the seed's paths.
-    let mut files = vec![SEED_CERT.to_string(), SEED_KEY.into(), SEED_KUBECONFIG.into(), SEED_CA.into(), SEED_CA_KEY.into(), KUBEADM_KCM_MANIFEST.into()];
-    if let Some(p) = &old_paths {
-        files.extend([p.cert.clone(), p.key.clone(), p.kubeconfig.clone(), p.unit.clone()]);
-    }
-    let rm = files.join(" ");
-    for m in &masters {
-        must(
-            m,
-            &format!(
-                "systemctl disable --now kube-controller-manager >/dev/null 2>&1 || true; rm -f {SEED_UNIT} {rm}; rm -rf {KIND_KCM_DIR} {SEED_WORKING_DIR}; \
-                 systemctl daemon-reload; systemctl reset-failed kube-controller-manager >/dev/null 2>&1 || true"
-            ),
-        );
-    }
-    let took = wait_nodes(&masters, Duration::from_secs(120), "no kube-controller-manager process", |n| !process_running(n, "kube-controller-manager")).await;
-    println!("teardown: no kube-controller-manager process on any master ({:.0}s)", took.as_secs_f64());
-    let t0 = Instant::now();
-    loop {
-        let l = kcm_lease(&c).await.unwrap_or_default();
-        if !l.live(now_secs()) {
-            println!("teardown: kcm's Lease expired ({l:?}) after {:.0}s", t0.elapsed().as_secs_f64());
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(90), "kcm's Lease still live 90s after the last kcm stopped: {l:?}\n{}", diagnostics());
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    // The trap: with no kcm, nothing recreates it, and pods with a ServiceAccount volume need it.
-    let (ok, out) = kubectl(&["-n", NAMESPACE, "delete", "configmap", "kube-root-ca.crt", "--ignore-not-found"]);
-    assert!(ok, "deleting {NAMESPACE}/kube-root-ca.crt: {out}");
+    teardown(&c, &masters).await;
 
     // kube-scheduler: stopped on every master (put back by the guard whatever happens).
-    let _scheduler_back = SchedulerBack(masters.clone());
+    let _scheduler_back =
+        AtEnd { nodes: masters.clone(), script: format!("if [ -f {SCHEDULER_STOPPED} ]; then mv {SCHEDULER_STOPPED} {SCHEDULER_MANIFEST}; fi") };
     for m in &masters {
         must(m, &format!("if [ -f {SCHEDULER_MANIFEST} ]; then mv {SCHEDULER_MANIFEST} {SCHEDULER_STOPPED}; fi"));
     }
     let took = wait_nodes(&masters, Duration::from_secs(120), "no kube-scheduler process", |n| !process_running(n, "kube-scheduler")).await;
     println!("teardown: kube-scheduler stopped on every master ({:.0}s)", took.as_secs_f64());
 
-    // The cluster CA at the seed's paths, as the seed's admin has it.
-    for m in &masters {
-        must(m, &format!("mkdir -p /etc/kubernetes/cert && cp /etc/kubernetes/pki/ca.crt {SEED_CA} && cp /etc/kubernetes/pki/ca.key {SEED_CA_KEY} && chmod 600 {SEED_CA_KEY}"));
-    }
-    let cm_gone = Api::<ConfigMap>::namespaced(c.clone(), NAMESPACE).get_opt("kube-root-ca.crt").await.ok().flatten().is_none();
-    assert!(cm_gone, "nothing recreated {NAMESPACE}/kube-root-ca.crt with no kcm");
+    assert!(root_ca_configmap_gone(&c).await, "nothing recreated {NAMESPACE}/kube-root-ca.crt with no kcm");
 
     // ---------------------------------------------------------------- install
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(repo.join("manifests/kubecontrollermanager.yaml")).expect("the seed's CR");
-    let mut cr_value: serde_yaml::Value = serde_yaml::from_str(&text).expect("the seed's CR is YAML");
-    cr_value["spec"]["apiserverUrl"] = serde_yaml::Value::String(APISERVER.into());
-    let spec: KubeControllerManagerSpec = serde_yaml::from_value(cr_value["spec"].clone()).expect("the seed's spec");
-    assert_eq!(spec.paths, HostPaths::default(), "the seed's CR uses the seed's layout");
-    assert_eq!((spec.paths.ca_cert.as_str(), spec.paths.ca_key.as_str(), spec.paths.cert.as_str()), (SEED_CA, SEED_CA_KEY, SEED_CERT));
+    let (cr_yaml, spec) = seed_cr();
     let dir = tempfile::tempdir().unwrap();
     let cr_file = dir.path().join("kubecontrollermanager.yaml");
-    std::fs::write(&cr_file, serde_yaml::to_string(&cr_value).unwrap()).unwrap();
+    std::fs::write(&cr_file, cr_yaml).unwrap();
 
     let apply_epoch = now_secs();
     let t_apply = Instant::now();
@@ -243,32 +134,15 @@ async fn seed_bootstrap_without_kcm_or_scheduler() {
 
     // kcm's root-ca publisher runs again: the ConfigMap the trap was about is back.
     let t0 = Instant::now();
-    while Api::<ConfigMap>::namespaced(c.clone(), NAMESPACE).get_opt("kube-root-ca.crt").await.ok().flatten().is_none() {
+    while root_ca_configmap_gone(&c).await {
         assert!(t0.elapsed() < Duration::from_secs(60), "{NAMESPACE}/kube-root-ca.crt not recreated within 60s of 3/3\n{}", diagnostics());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     // A Deployment created now gets its ReplicaSet and Pods (Pending: no scheduler yet).
     let ns = "kcm-e2e-bootstrap";
-    let (ok, out) = kubectl(&["create", "namespace", ns]);
-    assert!(ok || out.contains("AlreadyExists"), "creating namespace {ns}: {out}");
-    let dep = e2e::kind::probe_deployment();
-    let _ = Api::<Deployment>::namespaced(c.clone(), ns).create(&PostParams::default(), &dep).await;
     let t0 = Instant::now();
-    let pods = loop {
-        let rs = Api::<ReplicaSet>::namespaced(c.clone(), ns).list(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0);
-        let pods = Api::<Pod>::namespaced(c.clone(), ns).list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-        if rs > 0 && pods.len() == 2 {
-            break pods;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the Deployment got {rs} ReplicaSet(s) and {} Pod(s) from our kcm within 120s\n{}",
-            pods.len(),
-            diagnostics()
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let pods = e2e::kind::deployment_gets_pods(&c, ns, Duration::from_secs(120)).await.unwrap_or_else(|e| panic!("{e}: not from our kcm\n{}", diagnostics()));
     let phases: Vec<(Option<String>, Option<String>)> =
         pods.iter().map(|p| (p.metadata.name.clone(), p.status.as_ref().and_then(|s| s.phase.clone()))).collect();
     println!("bootstrap: a Deployment got its ReplicaSet and 2 Pods in {:.1}s: {phases:?}", t0.elapsed().as_secs_f64());

@@ -15,9 +15,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use e2e::apitier::poll;
-use e2e::kind::{client, diagnostics, kubectl, on_node, sh};
+use e2e::kind::{client, diagnostics, kubectl, on_node};
 use e2e::leadership::HealthWatch;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
@@ -183,44 +182,12 @@ async fn ha_kcm_on_three_masters() {
     }
 
     // Seed 2.3: metrics on the secure port with the admin's client certificate; refused without.
-    let kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(e2e::kind::kubeconfig()).unwrap()).unwrap();
-    let user = &kc["users"][0]["user"];
-    let dir = tempfile::tempdir().unwrap();
-    let b64 = |v: &serde_yaml::Value| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v.as_str().expect("admin cert data")).unwrap();
-    std::fs::write(dir.path().join("admin.pem"), b64(&user["client-certificate-data"])).unwrap();
-    std::fs::write(dir.path().join("admin-key.pem"), b64(&user["client-key-data"])).unwrap();
     let (_, ca) = on_node(&masters[0], &format!("cat {}", kcm_paths.ca_cert));
-    std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
     for node in &nodes.items {
         let ip = NodeIdentity::from_node(node).unwrap().primary_ip().to_string();
-        let url = format!("https://{ip}:10252/metrics");
-        let d = dir.path().display();
-        let (ok, out) = sh(std::process::Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "10",
-            "--cacert",
-            &format!("{d}/ca.pem"),
-            "--cert",
-            &format!("{d}/admin.pem"),
-            "--key",
-            &format!("{d}/admin-key.pem"),
-            &url,
-        ]));
-        assert!(ok && out.contains("workqueue_adds_total"), "metrics from {url} with the admin cert: {}", &out[..out.len().min(400)]);
-        let (_, anon) = sh(std::process::Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-            &format!("{d}/ca.pem"),
-            &url,
-        ]));
-        assert!(anon.trim() == "401" || anon.trim() == "403", "metrics without a client certificate on {url}: HTTP {anon}");
+        if let Err(e) = e2e::kind::metrics_with_admin_cert(&ip, 10252, &ca) {
+            panic!("seed 2.3: {e}");
+        }
     }
     println!("seed 2.3: metrics served with the admin cert, refused without, on all three masters");
 
@@ -230,17 +197,9 @@ async fn ha_kcm_on_three_masters() {
     let (ok, out) = kubectl(&["get", "clusterrolebinding", "system:controller:deployment-controller", "-o", "jsonpath={.subjects[0].name}"]);
     assert!(ok && out.trim() == "deployment-controller", "{out}");
     let ns = "kcm-e2e-deploy";
-    let _ = kubectl(&["create", "namespace", ns]);
-    let dep = e2e::kind::probe_deployment();
-    let deps = Api::<Deployment>::namespaced(c.clone(), ns);
-    let _ = deps.create(&PostParams::default(), &dep).await;
-    let got = poll("ReplicaSet and 2 Pods of the Deployment", Duration::from_secs(60), || async {
-        let rs = Api::<ReplicaSet>::namespaced(c.clone(), ns).list(&ListParams::default()).await.ok()?;
-        let pods = Api::<Pod>::namespaced(c.clone(), ns).list(&ListParams::default()).await.ok()?;
-        (!rs.items.is_empty() && pods.items.len() == 2).then_some(())
-    })
-    .await;
-    assert!(got.is_some(), "the Deployment got no ReplicaSet/Pods from our kcm\n{}", diagnostics());
+    if let Err(e) = e2e::kind::deployment_gets_pods(&c, ns, Duration::from_secs(60)).await {
+        panic!("seed 2.4: {e}: not from our kcm\n{}", diagnostics());
+    }
     let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
     println!("seed 2.4: deployment-controller SA bound; a Deployment got its ReplicaSet and Pods");
 

@@ -109,7 +109,11 @@ impl KcmBinary {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             }
         };
-        let version = run("--version").await?.parse::<KcmVersion>()?;
+        let version = run("--version").await?.parse::<KcmVersion>().map_err(|e| InstallError::Kcm {
+            binary: binary_path.into(),
+            arg: "--version",
+            reason: format!("{e} (is it kube-controller-manager?)"),
+        })?;
         let accepted = parse_help(&run("--help").await?);
         if accepted.is_empty() {
             return Err(InstallError::Kcm { binary: binary_path.into(), arg: "--help", reason: "lists no flags".into() });
@@ -234,21 +238,38 @@ pub struct Prepared {
     pub files: NodeFiles,
 }
 
-/// Reads and checks every input for node `node_name`. Fails before anything is written:
-/// a bad path, a missing CA, a missing kcm binary, a flag kcm rejects.
+/// Reads and checks every input for node `node_name`, its addresses from its Node. Fails
+/// before anything is written: a bad path, a missing CA, a missing kcm binary, a flag kcm
+/// rejects.
 pub async fn prepare(client: &kube::Client, host: &HostFs, spec: &KubeControllerManagerSpec, node_name: &str) -> Result<Prepared> {
+    let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
+    prepare_for(host, spec, NodeIdentity::from_node(&node)?).await
+}
+
+/// [`prepare`] for a master whose name and addresses are known (day 0: no Node yet).
+pub async fn prepare_for(host: &HostFs, spec: &KubeControllerManagerSpec, id: NodeIdentity) -> Result<Prepared> {
     let paths = Paths::resolve(host, spec)?;
     let ca_pem = String::from_utf8_lossy(&host.read(&paths.ca_cert)?).into_owned();
     CertInfo::from_pem(ca_pem.as_bytes(), "CA certificate")?;
     let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
-    let node = Api::<Node>::all(client.clone()).get(node_name).await.map_err(kube_err(format!("reading node {node_name}")))?;
-    let id = NodeIdentity::from_node(&node)?;
     let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
     Ok(Prepared { paths, ca_pem, kcm, id, files })
 }
 
+/// Where a step's new certificate comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Issuer<'a> {
+    /// The operator's signer, through a CSR; waits at most `wait` for it.
+    Signer { wait: Duration },
+    /// Day 0 (`node-helper bootstrap`): no kcm and no operator run yet, so nothing signs a
+    /// CSR. The master's addresses are given, and its first pair was issued with the
+    /// cluster CA on this host by the signer's own rules ([`signer::issue_locally`]) and
+    /// pre-flighted ([`preflight`]) before the step began.
+    Local { id: &'a NodeIdentity, cert_pem: &'a str, key_pem: &'a str },
+}
+
 /// The certificate and key on the host, when they are usable for this node and spec.
-fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) -> Result<Option<(String, String, CertInfo)>> {
+pub fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared) -> Result<Option<(String, String, CertInfo)>> {
     let (Some(cert_pem), Some(key_pem)) = (host.read_optional(&p.paths.cert)?, host.read_optional(&p.paths.key)?) else { return Ok(None) };
     let (Ok(cert_pem), Ok(key_pem)) = (String::from_utf8(cert_pem), String::from_utf8(key_pem)) else { return Ok(None) };
     let Ok(cert) = CertInfo::from_pem(cert_pem.as_bytes(), "installed certificate") else { return Ok(None) };
@@ -273,10 +294,7 @@ pub async fn preflight(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem:
         Ok(false) => return Err(format!("it does not chain to the CA {}", spec.paths.ca_cert)),
         Err(e) => return Err(e.to_string()),
     }
-    let text = render::kubeconfig(spec, ca_pem, ClientCredentials::Embedded { cert_pem, key_pem });
-    let kc: kube::config::Kubeconfig = serde_yaml::from_str(&text).map_err(|e| format!("the rendered kubeconfig does not parse: {e}"))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| format!("the rendered kubeconfig is not usable: {e}"))?;
-    let client = kube::Client::try_from(cfg).map_err(|e| format!("client for {}: {e}", spec.apiserver_url))?;
+    let client = kcm_client(spec, ca_pem, cert_pem, key_pem).await?;
     let review = k8s_openapi::api::authentication::v1::SelfSubjectReview::default();
     let got = tokio::time::timeout(
         Duration::from_secs(15),
@@ -292,6 +310,14 @@ pub async fn preflight(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem:
         return Err(format!("the apiserver sees user {name:?} in groups {groups:?}, not {0} in group {0}", kcm_operator::api::KCM_USER));
     }
     Ok(())
+}
+
+/// A client that reaches the apiserver as kcm will: the spec's URL, the CA, the pair.
+pub async fn kcm_client(spec: &KubeControllerManagerSpec, ca_pem: &str, cert_pem: &str, key_pem: &str) -> std::result::Result<kube::Client, String> {
+    let text = render::kubeconfig(spec, ca_pem, ClientCredentials::Embedded { cert_pem, key_pem });
+    let kc: kube::config::Kubeconfig = serde_yaml::from_str(&text).map_err(|e| format!("the rendered kubeconfig does not parse: {e}"))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| format!("the rendered kubeconfig is not usable: {e}"))?;
+    kube::Client::try_from(cfg).map_err(|e| format!("client for {}: {e}", spec.apiserver_url))
 }
 
 /// When [`write`] requests a new certificate instead of keeping the one on the host.
@@ -327,16 +353,26 @@ pub async fn write(
     host: &HostFs,
     spec: &KubeControllerManagerSpec,
     p: &Prepared,
+    issuer: Issuer<'_>,
     new_cert: NewCert<'_>,
     revision: &str,
-    csr_wait: Duration,
     mut journal: Option<(&JournalFile<'_>, &mut Journal)>,
 ) -> Result<Installed> {
     let existing = usable_pair(host, spec, p)?.filter(|(_, _, cert)| new_cert.keeps(&cert.serial_hex));
     let new_cert = existing.is_none();
-    let (cert_pem, key_pem, cert) = match existing {
-        Some(pair) => pair,
-        None => {
+    let (cert_pem, key_pem, cert) = match (existing, issuer) {
+        (Some(pair), _) => pair,
+        (None, Issuer::Local { cert_pem, key_pem, .. }) => {
+            let key = pki::key_from_pem(key_pem, "locally issued key")?;
+            let cert = CertInfo::from_pem(cert_pem.as_bytes(), "locally issued certificate")?;
+            // Pre-flighted by `bootstrap` before the step began (a CA the apiserver does not
+            // trust fails there, with nothing journaled).
+            if !cert.matches_key(&key) {
+                return Err(InstallError::Failed { name: p.id.name.clone(), message: "the locally issued certificate is not for its key".into() });
+            }
+            (cert_pem.to_string(), key_pem.to_string(), cert)
+        }
+        (None, Issuer::Signer { wait: csr_wait }) => {
             let journaled = journal.as_ref().and_then(|(_, j)| j.request.clone());
             let (key, name) = match journaled {
                 Some(r) => (pki::key_from_pem(&r.key_pem, "journaled key")?, r.csr),
@@ -390,7 +426,7 @@ pub async fn install(
     csr_wait: Duration,
 ) -> Result<Installed> {
     let prepared = prepare(client, host, spec, node_name).await?;
-    write(client, host, spec, &prepared, NewCert::Always, revision, csr_wait, None).await
+    write(client, host, spec, &prepared, Issuer::Signer { wait: csr_wait }, NewCert::Always, revision, None).await
 }
 
 #[cfg(test)]

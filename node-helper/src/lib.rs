@@ -1,4 +1,5 @@
 //! node-helper: the privileged agent on each master that installs kube-controller-manager.
+pub mod bootstrap;
 pub mod drift;
 pub mod fence;
 pub mod host;

@@ -55,6 +55,35 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         csr_wait: u64,
     },
+    /// Day 0, run as root on a master before its kubelet runs: issue this master's first
+    /// certificate with the cluster CA on the host, write key, cert, kubeconfig and unit,
+    /// start kcm, and place the operator's static pod. Nothing is written until every
+    /// check passed; a failed step is rolled back.
+    Bootstrap {
+        /// The KubeControllerManager as YAML (the one `kubectl apply` will get).
+        #[arg(long)]
+        cr: PathBuf,
+        /// This master's Node name, as its kubelet will register it.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// This master's InternalIP address(es), as its kubelet will report them
+        /// (comma-separated; the first is kcm's bind address).
+        #[arg(long, value_delimiter = ',', required = true)]
+        node_ip: Vec<IpAddr>,
+        /// The operator's image, for its static pod manifest; without it none is placed.
+        #[arg(long)]
+        image: Option<String>,
+        /// The kubelet's static pod directory (its `staticPodPath`).
+        #[arg(long, default_value = "/etc/kubernetes/manifests")]
+        static_pod_dir: String,
+        /// Where the host's / is (run on the host: /).
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = ALLOWED_ROOTS)]
+        allowed_roots: Vec<PathBuf>,
+        #[arg(long, default_value = node_helper::journal::DEFAULT_PATH)]
+        journal: String,
+    },
     /// Apply the revisions the operator gives this master, one step at a time, and report.
     Run {
         #[command(flatten)]
@@ -86,6 +115,9 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     }
 }
 
+/// Host path prefixes a helper may write under, unless told otherwise.
+const ALLOWED_ROOTS: &str = "/etc/kubernetes,/etc/systemd/system,/data/k8s,/var/lib/kube-controller-manager";
+
 #[derive(clap::Args, Debug)]
 struct NodeArgs {
     #[arg(long, env = "NODE_NAME")]
@@ -94,12 +126,7 @@ struct NodeArgs {
     #[arg(long, env = "KCM_HOST_ROOT", default_value = "/host")]
     host_root: PathBuf,
     /// Host path prefixes the helper may write under.
-    #[arg(
-        long,
-        env = "KCM_ALLOWED_ROOTS",
-        value_delimiter = ',',
-        default_value = "/etc/kubernetes,/etc/systemd/system,/data/k8s,/var/lib/kube-controller-manager"
-    )]
+    #[arg(long, env = "KCM_ALLOWED_ROOTS", value_delimiter = ',', default_value = ALLOWED_ROOTS)]
     allowed_roots: Vec<PathBuf>,
     /// Host path of the step journal (under an allowed root).
     #[arg(long, env = "KCM_STEP_JOURNAL", default_value = node_helper::journal::DEFAULT_PATH)]
@@ -133,6 +160,29 @@ async fn main() -> anyhow::Result<()> {
             println!("# {} (0600)\n{}", spec.paths.kubeconfig, render::kubeconfig(spec, &ca, creds));
             println!("# {} (0600): private key, generated on the host at install ({:?})", spec.paths.key, spec.certificate.key_algorithm);
             println!("# {} (0644): certificate, issued by the {} signer", spec.paths.cert, kcm_operator::api::SIGNER_NAME);
+        }
+        Cmd::Bootstrap { cr, node_name, node_ip, image, static_pod_dir, host_root, allowed_roots, journal } => {
+            let text = std::fs::read_to_string(&cr).with_context(|| format!("reading {}", cr.display()))?;
+            let kcm: KubeControllerManager = serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KubeControllerManager", cr.display()))?;
+            let host = HostFs::new(host_root, allowed_roots);
+            let b = node_helper::bootstrap::Bootstrap {
+                host: &host,
+                spec: &kcm.spec,
+                node_name: &node_name,
+                node_ips: &node_ip,
+                journal: &journal,
+                operator_pod: image.as_deref().map(|i| (static_pod_dir.as_str(), i)),
+            };
+            let done = node_helper::bootstrap::run(&b).await.with_context(|| format!("bootstrap of {node_name}"))?;
+            println!(
+                "{node_name}: {} (revision {}, kcm {}, certificate {} valid until {}); operator static pod: {}",
+                done.message,
+                done.revision,
+                done.kcm_version,
+                done.cert_serial,
+                done.not_after,
+                done.operator_pod.as_deref().unwrap_or("not placed (no --image)")
+            );
         }
         Cmd::Install { node, csr_wait } => {
             let client = kube::Client::try_default().await.context("building Kubernetes client")?;
@@ -315,11 +365,10 @@ impl Helper {
             return Ok(());
         };
         let me = kcm_node.status.clone().unwrap_or_default();
-        let unit = std::path::Path::new(&spec.paths.unit).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service").to_string();
-        let systemd = HostSystemd::new(unit);
+        let systemd = HostSystemd::for_unit_file(&spec.paths.unit);
         let (client, host) = (&self.client, &self.host);
         let journal = node_helper::journal::JournalFile::new(host, &self.journal)?;
-        let step = Node { client, host, systemd: &systemd, name: node_name, csr_wait: self.csr_wait, journal: &journal };
+        let step = Node { client, host, systemd: &systemd, name: node_name, issuer: install::Issuer::Signer { wait: self.csr_wait }, journal: &journal };
         // A step starts from what the API says now, not from the watch's view: a helper that
         // just took the host lock from another (a rescue helper) may not have seen that one's
         // report yet, and must not do its finished step again. One GET per step.

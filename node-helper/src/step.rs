@@ -69,7 +69,9 @@ pub struct Node<'a> {
     pub host: &'a HostFs,
     pub systemd: &'a HostSystemd,
     pub name: &'a str,
-    pub csr_wait: Duration,
+    /// Where a new certificate comes from: the operator's signer, or on day 0 the pair
+    /// `bootstrap` issued (which also gives the master's addresses).
+    pub issuer: install::Issuer<'a>,
     pub journal: &'a JournalFile<'a>,
 }
 
@@ -86,7 +88,10 @@ impl Node<'_> {
             tracing::info!(node = self.name, revision, "the step had ended healthy before the helper stopped: reporting it");
             return Ok(report);
         }
-        let prepared = install::prepare(self.client, self.host, spec, self.name).await?;
+        let prepared = match self.issuer {
+            install::Issuer::Local { id, .. } => install::prepare_for(self.host, spec, id.clone()).await?,
+            install::Issuer::Signer { .. } => install::prepare(self.client, self.host, spec, self.name).await?,
+        };
         let mut j = match found {
             Some(mut j) if j.revision == revision => {
                 if let Recovery::RollBack { why } = journal::recovery(&j, Some(revision)) {
@@ -169,7 +174,7 @@ impl Node<'_> {
         let revision = target.to_string();
         let revision = revision.as_str();
         let new_cert = target.renews().map_or(NewCert::IfNeeded, NewCert::Replacing);
-        let installed = install::write(self.client, self.host, spec, prepared, new_cert, revision, self.csr_wait, Some((self.journal, &mut *j))).await?;
+        let installed = install::write(self.client, self.host, spec, prepared, self.issuer, new_cert, revision, Some((self.journal, &mut *j))).await?;
         journal::crash_point(self.host, "unit-written");
         tracing::info!(node = self.name, revision, changed = ?installed.changed, new_cert = installed.new_cert, "files written");
         self.adopt(spec, j).await?;

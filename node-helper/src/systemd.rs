@@ -56,6 +56,11 @@ impl HostSystemd {
         Self { proc1: PathBuf::from("/proc/1"), unit: unit.into() }
     }
 
+    /// The unit whose file is at `path` (the spec's `paths.unit`): its file name.
+    pub fn for_unit_file(path: &str) -> Self {
+        Self::new(std::path::Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or("kube-controller-manager.service"))
+    }
+
     /// Runs `systemctl <args>` in the host's mount namespace; returns stdout.
     pub async fn systemctl(&self, args: &[&str]) -> Result<String, SystemdError> {
         let ns_path = self.proc1.join("ns/mnt");

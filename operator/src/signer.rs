@@ -12,7 +12,7 @@ use rcgen::{
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509CertificationRequest};
 use x509_parser::public_key::PublicKey;
 
-use crate::api::{KeyAlgorithm, KCM_USER, NODE_NAME_EXTRA, POD_NAME_EXTRA, POD_UID_EXTRA, SIGNER_NAME};
+use crate::api::{KeyAlgorithm, KubeControllerManagerSpec, KCM_USER, NODE_NAME_EXTRA, POD_NAME_EXTRA, POD_UID_EXTRA, SIGNER_NAME};
 use crate::pki::{cidr_contains, ip_from_bytes, pem_block, CertInfo, NodeIdentity, PkiError, Sans};
 
 /// A CSR older than this (seconds) is denied: a helper asks for its certificate during its
@@ -261,8 +261,15 @@ fn check_requestor(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Resu
 /// Checks every rule against what the caller looked up.
 pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Accepted, Denial> {
     let node = check_requestor(csr, found, policy)?;
+    check_request(csr.request, csr.usages, &node.identity, policy.key_algorithm, &policy.service_cidr)
+}
 
-    let der = pem_block(csr.request, "CERTIFICATE REQUEST", "request").map_err(|e| Denial { rule: Rule::RequestParses, message: e.to_string() })?;
+/// The rules on the request itself, [`Rule::RequestParses`] to [`Rule::Usages`]: a PKCS#10
+/// `request` (PEM) with `usages` for the master `node`. Shared by the signer and by the
+/// day-0 bootstrap, which issues a master's first certificate with the CA on the host: the
+/// same key, subject, SAN, range and usage rules, whoever signs.
+pub fn check_request(request: &[u8], usages: &[String], node: &NodeIdentity, key_algorithm: KeyAlgorithm, service_cidr: &str) -> Result<Accepted, Denial> {
+    let der = pem_block(request, "CERTIFICATE REQUEST", "request").map_err(|e| Denial { rule: Rule::RequestParses, message: e.to_string() })?;
     let (rest, req) =
         X509CertificationRequest::from_der(&der).map_err(|e| Denial { rule: Rule::RequestParses, message: format!("not a PKCS#10 request: {e}") })?;
     if !rest.is_empty() {
@@ -282,7 +289,7 @@ pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Acc
         Ok(other) => format!("{other:?}").split('(').next().unwrap_or("unknown").to_string(),
         Err(e) => return deny(Rule::RequestParses, format!("cannot read public key: {e}")),
     };
-    let allowed = match policy.key_algorithm {
+    let allowed = match key_algorithm {
         KeyAlgorithm::Rsa2048 => "RSA-2048",
         KeyAlgorithm::EcdsaP256 => "ECDSA-P256/256",
     };
@@ -332,25 +339,25 @@ pub fn check(csr: &CsrFacts<'_>, found: &Lookups, policy: &Policy) -> Result<Acc
             other => return deny(Rule::RequestParses, format!("unsupported requested extension {other:?}")),
         }
     }
-    let want = node.identity.expected_sans();
+    let want = node.expected_sans();
     if !foreign.is_empty() {
         return deny(Rule::SubjectAltNames, format!("only DNS and IP SANs are allowed; got {foreign:?}"));
     }
     if sans != want {
         return deny(Rule::SubjectAltNames, format!("SANs must be exactly DNS {:?} IP {:?}; got DNS {:?} IP {:?}", want.dns, want.ips, sans.dns, sans.ips));
     }
-    let inside: Vec<String> = sans.ips.iter().filter(|ip| cidr_contains(&policy.service_cidr, **ip)).map(|ip| ip.to_string()).collect();
+    let inside: Vec<String> = sans.ips.iter().filter(|ip| cidr_contains(service_cidr, **ip)).map(|ip| ip.to_string()).collect();
     if !inside.is_empty() {
-        return deny(Rule::ServiceRange, format!("IP SAN(s) {inside:?} lie in the service range {}", policy.service_cidr));
+        return deny(Rule::ServiceRange, format!("IP SAN(s) {inside:?} lie in the service range {}", service_cidr));
     }
 
-    let wanted: BTreeSet<&str> = expected_usages(policy.key_algorithm).iter().copied().collect();
-    let got: BTreeSet<&str> = csr.usages.iter().map(String::as_str).collect();
-    if got != wanted || got.len() != csr.usages.len() {
-        return deny(Rule::Usages, format!("usages must be exactly {wanted:?}; got {:?}", csr.usages));
+    let wanted: BTreeSet<&str> = expected_usages(key_algorithm).iter().copied().collect();
+    let got: BTreeSet<&str> = usages.iter().map(String::as_str).collect();
+    if got != wanted || got.len() != usages.len() {
+        return deny(Rule::Usages, format!("usages must be exactly {wanted:?}; got {:?}", usages));
     }
 
-    Ok(Accepted { node: node.identity.name.clone(), sans, usages: csr.usages.to_vec(), csr_der: der })
+    Ok(Accepted { node: node.name.clone(), sans, usages: usages.to_vec(), csr_der: der })
 }
 
 /// The cluster CA, as read from the host.
@@ -409,6 +416,30 @@ pub fn sign(accepted: &Accepted, ca: &Ca, now: i64, validity_secs: i64, expirati
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&csr.public_key, &ca.issuer).map_err(err)?;
     Ok(cert.pem())
+}
+
+/// Why [`issue_locally`] issued nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("the signer's rules refuse the request: {0}")]
+    Denied(Denial),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+}
+
+/// A master's first key and certificate, issued with the cluster CA `ca` where it is (day 0:
+/// `node-helper bootstrap` on the master, before any kcm or operator runs) exactly as the
+/// signer issues one to a helper: a new key of the spec's algorithm, a request for `node`,
+/// every rule of [`check_request`] on it, then [`sign`] with the spec's validity (as if
+/// asked for in `expirationSeconds`). Returns (certificate, key) as PEM.
+pub fn issue_locally(spec: &KubeControllerManagerSpec, node: &NodeIdentity, ca: &Ca, now: i64) -> Result<(String, String), IssueError> {
+    let alg = spec.certificate.key_algorithm;
+    let key = crate::pki::generate_key(alg)?;
+    let request = crate::pki::make_csr(&key, &node.expected_sans())?;
+    let usages: Vec<String> = expected_usages(alg).iter().map(|u| u.to_string()).collect();
+    let accepted = check_request(request.as_bytes(), &usages, node, alg, &spec.service_cluster_ip_range).map_err(IssueError::Denied)?;
+    let validity = spec.certificate.validity_secs();
+    Ok((sign(&accepted, ca, now, validity, i32::try_from(validity).ok())?, key.serialize_pem()))
 }
 
 /// Whether a signer name is ours: we never touch any other.
@@ -762,6 +793,31 @@ dK4FTmIdaV6yOlLhA+/52MMrUPZ06lC3QDo03leA74QWd1ss4+k=
         assert_eq!(CertInfo::from_pem(capped.as_bytes(), "c").unwrap().not_after, 2_000_000_000);
         let other = sign(&accepted, &ca, now, 3600, None).unwrap();
         assert_ne!(CertInfo::from_pem(other.as_bytes(), "o").unwrap().serial_hex, info.serial_hex);
+    }
+
+    #[test]
+    fn a_local_issue_is_what_the_signer_would_issue_and_obeys_its_rules() {
+        let (ca_pem, ca_key) = test_ca();
+        let ca = Ca::from_pem(&ca_pem, &ca_key).unwrap();
+        let now = 1_800_000_000;
+        for alg in [KeyAlgorithm::Rsa2048, KeyAlgorithm::EcdsaP256] {
+            let mut spec: KubeControllerManagerSpec = serde_json::from_value(serde_json::json!({"apiserverUrl": "https://x:6443"})).unwrap();
+            spec.certificate.key_algorithm = alg;
+            let (cert_pem, key_pem) = issue_locally(&spec, &identity(), &ca, now).unwrap();
+            let info = CertInfo::from_pem(cert_pem.as_bytes(), "local").unwrap();
+            assert!(info.matches_key(&crate::pki::key_from_pem(&key_pem, "key").unwrap()), "{alg:?}: the certificate is for the key returned");
+            assert_eq!(info.common_name.as_deref(), Some(KCM_USER));
+            assert_eq!(info.sans, identity().expected_sans(), "{alg:?}: the node's SANs exactly");
+            assert_eq!(info.not_after, now + spec.certificate.validity_secs(), "{alg:?}: the spec's validity");
+            assert!(crate::pki::issued_by(cert_pem.as_bytes(), ca_pem.as_bytes()).unwrap(), "{alg:?}: chains to the CA");
+        }
+        // The signer's content rules hold here too: an address in the service range is refused.
+        let spec: KubeControllerManagerSpec =
+            serde_json::from_value(serde_json::json!({"apiserverUrl": "https://x:6443", "serviceClusterIpRange": "172.24.0.0/16"})).unwrap();
+        match issue_locally(&spec, &identity(), &ca, now) {
+            Err(IssueError::Denied(d)) => assert_eq!(d.rule, Rule::ServiceRange, "{d}"),
+            other => panic!("a node address in the service range was issued: {other:?}"),
+        }
     }
 
     #[test]
