@@ -95,6 +95,21 @@ pub fn expires_at_ms(spec: &LeaseSpec) -> Option<i64> {
     Some(last.0.as_millisecond() + secs * 1000)
 }
 
+/// The Lease as this replica received it ([`crate::receipt`]): its `renewTime` replaced by
+/// when this replica saw the holder's last renewal, on its own clock, as client-go's
+/// `observedTime`. A Lease first seen counts from now: a replica that just started waits a
+/// whole lease duration before it takes a Lease someone may still hold, and a holder whose
+/// clock runs behind is not taken for dead.
+pub fn as_received(receipts: &mut crate::receipt::Receipts, spec: &LeaseSpec, now: Timestamp) -> LeaseSpec {
+    let mut s = spec.clone();
+    if let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
+        let value = format!("{}/{}", spec.holder_identity.as_deref().unwrap_or(""), renewed.0);
+        let got = receipts.received("lease", &value, now.as_millisecond(), now.as_millisecond());
+        s.renew_time = Timestamp::from_millisecond(got).ok().map(MicroTime);
+    }
+    s
+}
+
 /// The election's one decision. `spec` is the Lease's spec (None: no Lease yet).
 pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp, retry: Duration) -> Decision {
     let Some(spec) = spec else { return Decision::Acquire };
@@ -189,11 +204,13 @@ impl std::fmt::Display for Lost {
 pub struct Elector {
     api: Api<Lease>,
     cfg: ElectionConfig,
+    /// When the Lease's renewals were seen, on this replica's clock.
+    receipts: std::sync::Mutex<crate::receipt::Receipts>,
 }
 
 impl Elector {
     pub fn new(client: kube::Client, cfg: ElectionConfig) -> Self {
-        Self { api: Api::namespaced(client, &cfg.namespace), cfg }
+        Self { api: Api::namespaced(client, &cfg.namespace), cfg, receipts: Default::default() }
     }
 
     pub fn config(&self) -> &ElectionConfig {
@@ -209,7 +226,8 @@ impl Elector {
         let current = self.api.get_opt(&self.cfg.name).await.map_err(self.err())?;
         let now = Timestamp::now();
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-        let decision = decide(spec, &self.cfg.identity, now, self.cfg.retry_period);
+        let received = spec.map(|s| as_received(&mut self.receipts.lock().unwrap_or_else(|p| p.into_inner()), s, now));
+        let decision = decide(received.as_ref(), &self.cfg.identity, now, self.cfg.retry_period);
         let Some(new_spec) = next_spec(spec, &decision, &self.cfg.identity, now, self.cfg.lease_duration) else {
             let Decision::Follow { holder, wait } = decision else { unreachable!() };
             return Ok(Attempt::Following { holder, wait });
@@ -343,6 +361,30 @@ mod tests {
         assert_eq!(decide(Some(&released), "a", at(1000), RETRY), Decision::Acquire);
         let released = released_spec(&held("b", 990, 15), at(1000));
         assert_eq!(decide(Some(&released), "a", at(1000), RETRY), Decision::Acquire);
+    }
+
+    #[test]
+    fn a_holder_whose_clock_is_off_is_judged_by_when_its_renewals_are_seen() {
+        for skew in [-25i64, 25, -3600] {
+            let mut r = crate::receipt::Receipts::default();
+            // b renews every 2 s, stamping its own clock; a looks every 2 s.
+            for k in 0..10 {
+                let now = 1000 + 2 * k;
+                let s = held("b", now + skew, 15);
+                let d = decide(Some(&as_received(&mut r, &s, at(now))), "a", at(now), RETRY);
+                assert!(matches!(d, Decision::Follow { .. }), "skew {skew}s, look {k}: a live holder is followed, not taken over: {d:?}");
+            }
+            // b stops renewing at 1018: a takes the Lease a lease duration after it last saw a renewal.
+            let last = held("b", 1018 + skew, 15);
+            let d = decide(Some(&as_received(&mut r, &last, at(1032))), "a", at(1032), RETRY);
+            assert!(matches!(d, Decision::Follow { .. }), "skew {skew}s: still within the lease: {d:?}");
+            assert_eq!(decide(Some(&as_received(&mut r, &last, at(1034))), "a", at(1034), RETRY), Decision::Acquire, "skew {skew}s: expired");
+        }
+        // A Lease first seen counts from now: a replica that just started waits it out.
+        let mut r = crate::receipt::Receipts::default();
+        let old = held("b", 0, 15);
+        assert!(matches!(decide(Some(&as_received(&mut r, &old, at(5000))), "a", at(5000), RETRY), Decision::Follow { .. }));
+        assert_eq!(decide(Some(&as_received(&mut r, &old, at(5016))), "a", at(5016), RETRY), Decision::Acquire);
     }
 
     #[test]

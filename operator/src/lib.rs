@@ -12,6 +12,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod reach;
+pub mod receipt;
 pub mod render;
 pub mod rescue;
 pub mod rollout;

@@ -28,6 +28,7 @@ use crate::api::{
 use crate::approver::is_master;
 use crate::kube_error::{kube_err, KubeError};
 use crate::metrics::{OperatorMetrics, StepResult};
+use crate::receipt::Receipts;
 use crate::render::spec_revision;
 
 /// What to do next.
@@ -424,6 +425,35 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     Decision::Go { node: next.name.clone(), revision, why }
 }
 
+/// Each report's `observedAt` and kcm's Lease's `renewTime` as received on this operator's
+/// clock ([`crate::receipt`]): what freshness and the leader's liveness are judged by, so a
+/// master whose clock is off by 15-30 s is neither stale nor leaderless. A stamp first seen
+/// counts from the earlier of itself and now. Returns the Lease as received.
+pub fn on_observer_clock(
+    receipts: &mut Receipts,
+    entries: &mut [NodeStatus],
+    lease: Option<&k8s_openapi::api::coordination::v1::LeaseSpec>,
+    now: i64,
+) -> Option<k8s_openapi::api::coordination::v1::LeaseSpec> {
+    for n in entries.iter_mut() {
+        let Some(stamp) = n.report.observed_at.clone() else { continue };
+        let Some(t) = parse_time(&stamp) else { continue };
+        let got = receipts.received(&format!("report/{}", n.name), &stamp, t.min(now), now);
+        n.report.observed_at = Some(crate::pki::rfc3339(got));
+    }
+    let lease = lease.map(|l| {
+        let mut l = l.clone();
+        if let Some(renewed) = l.renew_time.as_ref().or(l.acquire_time.as_ref()).map(|t| t.0) {
+            let value = format!("{}/{renewed}", l.holder_identity.as_deref().unwrap_or(""));
+            let got = receipts.received("lease", &value, renewed.as_second().min(now), now);
+            l.renew_time = k8s_openapi::jiff::Timestamp::from_second(got).ok().map(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime);
+        }
+        l
+    });
+    receipts.retain(|k| k == "lease" || k.strip_prefix("report/").is_some_and(|m| entries.iter().any(|n| n.name == m)));
+    lease
+}
+
 /// The node holding kcm's Lease, while the Lease is live: a holder whose
 /// `renewTime + leaseDurationSeconds` has passed leads nothing.
 pub fn live_leader(lease: Option<&k8s_openapi::api::coordination::v1::LeaseSpec>, now: i64) -> Option<String> {
@@ -529,6 +559,8 @@ struct Ctx {
     stores: Stores,
     metrics: OperatorMetrics,
     steps: std::sync::Mutex<StepTracker>,
+    /// When the reports and kcm's Lease were received, on this operator's clock.
+    receipts: std::sync::Mutex<Receipts>,
 }
 
 /// What the operator knows of the cluster, kept current by watches: a reconcile reads only
@@ -633,8 +665,6 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     masters.sort();
     let lease = ctx.stores.kcm_lease.get(&ObjectRef::new(KCM_LEASE.1).within(KCM_LEASE.0));
     let now = k8s_openapi::jiff::Timestamp::now();
-    let lease_spec = lease.as_ref().and_then(|l| l.spec.as_ref());
-    let leader = live_leader(lease_spec, now.as_second());
     let ca = read_ca(&ctx.ca_cert);
 
     // Every master needs a running helper, also when no kcm (DaemonSet controller) runs.
@@ -659,10 +689,15 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     let is_ours = |n: &KcmNode| n.owner_references().iter().any(|o| o.uid == owner.uid);
     let kcm_nodes: BTreeMap<String, Arc<KcmNode>> = ctx.stores.kcm_nodes.state().into_iter().map(|n| (n.name_any(), n)).collect();
     // Only this KubeControllerManager's KcmNodes count (one left by a deleted CR is replaced).
-    let entries: Vec<NodeStatus> = masters
+    let mut entries: Vec<NodeStatus> = masters
         .iter()
         .map(|m| kcm_nodes.get(m).filter(|n| is_ours(n)).map_or_else(|| NodeStatus { name: m.clone(), ..Default::default() }, |n| NodeStatus::of(n)))
         .collect();
+    let lease_spec = {
+        let mut receipts = ctx.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        on_observer_clock(&mut receipts, &mut entries, lease.as_ref().and_then(|l| l.spec.as_ref()), now.as_second())
+    };
+    let leader = live_leader(lease_spec.as_ref(), now.as_second());
     let status = kcm.status.clone().unwrap_or_default();
     let ca_not_after = ca.as_ref().map(|(_, t)| *t);
     let facts = Facts { masters: &masters, status: &entries, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
@@ -767,7 +802,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         Decision::Go { .. } | Decision::Wait { .. } => 3,
         Decision::Stop { .. } | Decision::Paused | Decision::Backoff { .. } | Decision::Done => crate::api::REPORT_PERIOD_SECS,
     };
-    let until_lease = lease_spec.and_then(lease_expiry).filter(|_| leader.is_some()).map(|t| t + 1 - now.as_second());
+    let until_lease = lease_spec.as_ref().and_then(lease_expiry).filter(|_| leader.is_some()).map(|t| t + 1 - now.as_second());
     let secs = until_lease.map_or(next, |u| u.clamp(1, next));
     Ok(Duration::from_secs(secs as u64))
 }
@@ -788,7 +823,7 @@ async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, node: Option<&KcmNode>,
 pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, metrics: OperatorMetrics) {
     let wake = Arc::new(Notify::new());
     let (stores, watches) = Stores::watch(&client, wake.clone());
-    let ctx = Ctx { client, ca_cert, stores, metrics, steps: Default::default() };
+    let ctx = Ctx { client, ca_cert, stores, metrics, steps: Default::default(), receipts: Default::default() };
     let control = async {
         if ctx.stores.ready().await.is_err() {
             return;
@@ -1374,6 +1409,59 @@ mod tests {
         st[1].operator_pod_error = Some("kubelet has no staticPodPath".into());
         let (_, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
         assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "OperatorPodNotPlaced" && m.contains("m2: kubelet")), "{conds:?}");
+    }
+
+    #[test]
+    fn a_master_whose_clock_is_off_by_up_to_25s_is_neither_stale_nor_leaderless() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let lease = |renewed: i64| k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some("m2_4f1c".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::from_second(renewed).unwrap())),
+            ..Default::default()
+        };
+        for skew in [-25i64, -20, 20, 25] {
+            let mut r = Receipts::default();
+            // m2 (which leads) stamps its report and kcm's Lease with a clock `skew` s off;
+            // it reports every 10 s and its kcm renews every 2 s.
+            let mut seen = Vec::new();
+            for k in 0..=5 {
+                let now = NOW + k * 10;
+                let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+                for n in st.iter_mut() {
+                    n.report.observed_at = Some(at(now - 2 + if n.name == "m2" { skew } else { 0 }));
+                }
+                let l = on_observer_clock(&mut r, &mut st, Some(&lease(now - 1 + skew)), now);
+                let fresh_all = st.iter().all(|n| fresh(n, now));
+                let leader = live_leader(l.as_ref(), now);
+                let facts = Facts { masters: &masters(), status: &st, leader: leader.as_deref(), ca_not_after: None, now };
+                seen.push((k, fresh_all, leader.clone(), decide(&s, &facts)));
+            }
+            // The first look has only the stamps themselves; from the second on, the receipts.
+            for (k, fresh_all, leader, decision) in seen.iter().skip(1) {
+                assert!(*fresh_all, "skew {skew}s, look {k}: every report fresh: {seen:?}");
+                assert_eq!(leader.as_deref(), Some("m2"), "skew {skew}s, look {k}: the leader is live");
+                assert_eq!(*decision, Decision::Done, "skew {skew}s, look {k}");
+            }
+            if skew > 0 {
+                assert!(seen[0].1 && seen[0].2.is_some(), "a clock ahead is never believed beyond now, and never stale: {seen:?}");
+            }
+        }
+        // A report that stops is stale STALE_AFTER_SECS after it was last received, skew or not.
+        let mut r = Receipts::default();
+        let mut st = vec![done("m1", &rev)];
+        st[0].report.observed_at = Some(at(NOW + 25));
+        on_observer_clock(&mut r, &mut st, None, NOW);
+        let mut later = vec![done("m1", &rev)];
+        later[0].report.observed_at = Some(at(NOW + 25));
+        on_observer_clock(&mut r, &mut later, None, NOW + STALE_AFTER_SECS + 1);
+        assert!(!fresh(&later[0], NOW + STALE_AFTER_SECS + 1), "a helper ahead by 25 s that stopped is stale on time");
+        // A report from an hour ago first seen (an operator just started) stays stale.
+        let mut old = vec![done("m1", &rev)];
+        old[0].report.observed_at = Some(at(NOW - 3600));
+        on_observer_clock(&mut Receipts::default(), &mut old, None, NOW);
+        assert!(!fresh(&old[0], NOW), "an old report is not made fresh by a restart");
     }
 
     #[test]
