@@ -118,6 +118,36 @@ pub fn capped_by_ca(not_after: i64, ca_not_after: Option<i64>) -> bool {
     ca_not_after.is_some_and(|ca| not_after + CA_CAP_SLACK_SECS >= ca)
 }
 
+/// The masters whose certificate has been due for longer than half the renewal window and is
+/// still not renewed (whatever holds it: a paused spec, a master down, a failed step, a
+/// signer that does not answer), with how long; `None` when there are none. Half the window
+/// is long past any rollout's pace and leaves the other half before the certificates expire:
+/// Degraded `RenewalBlocked` says so while there is still time (for the default year, 36
+/// days after due, 36 days before expiry). A certificate capped by the CA is not renewed
+/// under that CA and is left to `ClusterCAExpiring`.
+pub fn renewal_blocked(spec: &KubeControllerManagerSpec, nodes: &[NodeStatus], ca_not_after: Option<i64>, now: i64) -> Option<String> {
+    let validity = spec.certificate.validity_secs();
+    let half_window = validity * i64::from(spec.certificate.renew_when_remaining_percent) / 200;
+    let blocked: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| {
+            let not_after = n.not_after.as_deref().and_then(parse_time)?;
+            let due = renew_at(spec, not_after);
+            (!capped_by_ca(not_after, ca_not_after) && now - due > half_window).then(|| {
+                format!(
+                    "{}: certificate {} due since {} ({}h ago), expires {}",
+                    n.name,
+                    n.cert_serial.as_deref().unwrap_or("?"),
+                    crate::pki::rfc3339(due),
+                    (now - due) / 3600,
+                    crate::pki::rfc3339(not_after)
+                )
+            })
+        })
+        .collect();
+    (!blocked.is_empty()).then(|| blocked.join("; "))
+}
+
 /// Certificates ending within this many seconds of the leader's belong to its renewal
 /// round: a quarter of the renewal window (a rollout issues them minutes apart).
 pub fn round_window(spec: &KubeControllerManagerSpec) -> i64 {
@@ -613,6 +643,7 @@ pub fn aggregate(
     nodes: &[NodeStatus],
     decision: &Decision,
     ca_message: Option<&str>,
+    renewal_blocked: Option<&str>,
     now: i64,
 ) -> (usize, Vec<(&'static str, bool, String, String)>) {
     let healthy = masters.iter().filter(|m| nodes.iter().any(|n| &n.name == *m && n.healthy && fresh(n, now))).count();
@@ -638,6 +669,7 @@ pub fn aggregate(
     let (degraded, dreason, dmsg) = match decision {
         Decision::Stop { node, reason } => (true, "RolloutFailed", format!("{node}: {reason}")),
         Decision::Backoff { node, step, reason } => (true, step.reasons().1, format!("{node}: {reason}")),
+        _ if renewal_blocked.is_some() => (true, "RenewalBlocked", format!("{} (Progressing says what holds it)", renewal_blocked.unwrap_or_default())),
         _ if !pod_errors.is_empty() => (true, "OperatorPodNotPlaced", pod_errors.join("; ")),
         _ => match ca_message {
             Some(m) => (true, "ClusterCAExpiring", m.to_string()),
@@ -768,7 +800,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     }
 
     let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
-    let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, ca_message.as_deref(), now.as_second());
+    let blocked = renewal_blocked(spec, &entries, ca_not_after, now.as_second());
+    let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, ca_message.as_deref(), blocked.as_deref(), now.as_second());
     ctx.metrics.masters(&entries, &renewals, now.as_second());
     ctx.metrics.kcm_leader_present.set_bool(&[], leader.is_some());
     ctx.metrics.conditions(wanted_conds.iter().map(|(t, v, _, _)| (*t, *v)));
@@ -1189,7 +1222,7 @@ mod tests {
             matches!(&d, Decision::Backoff { node, step: BackoffStep::Renewal, reason } if node == "m1" && reason.contains("attempt 2") && reason.contains("no certificate")),
             "{d:?}"
         );
-        let (_, conds) = aggregate(&masters(), &st, &d, None, NOW);
+        let (_, conds) = aggregate(&masters(), &st, &d, None, None, NOW);
         assert!(conds.iter().any(|(t, on, reason, _)| *t == "Degraded" && *on && reason == "RenewalFailed"), "{conds:?}");
         let later = given + renewal_backoff(2);
         for n in &mut st {
@@ -1362,7 +1395,7 @@ mod tests {
         // A CA with less life left than the validity, even outside the renewal window: reported.
         assert!(ca_expiring(&s, Some(NOW + 200 * 86400), NOW).is_some());
         assert_eq!(ca_expiring(&s, Some(NOW + 366 * 86400), NOW), None);
-        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), NOW);
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), None, NOW);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Degraded" && *v && r == "ClusterCAExpiring"), "{conds:?}");
     }
 
@@ -1392,13 +1425,34 @@ mod tests {
         let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
         st[0].observed_at = Some(at(NOW - STALE_AFTER_SECS - 1));
         st[1].observed_at = None; // the helper stopped
-        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
         assert_eq!(healthy, 1);
         assert!(conds.iter().any(|(t, v, _, _)| *t == "Available" && *v));
         st[2].healthy = false;
-        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
         assert_eq!(healthy, 0);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Available" && !*v && r == "NoHealthyMaster"), "{conds:?}");
+    }
+
+    #[test]
+    fn a_renewal_held_past_half_its_window_is_degraded_renewal_blocked() {
+        let s = spec(); // one year, renewed when 20% remains: due 73 days before expiry
+        let rev = spec_revision(&s);
+        let day = 86_400;
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        for (n, days_left) in st.iter_mut().zip([300, 40, 300]) {
+            n.report.not_after = Some(at(NOW + days_left * day));
+        }
+        // m2: due 33 days ago (73 - 40), less than half the window (36.5 days): not yet.
+        assert_eq!(renewal_blocked(&s, &st, None, NOW), None);
+        st[1].report.not_after = Some(at(NOW + 30 * day)); // due 43 days ago
+        let msg = renewal_blocked(&s, &st, None, NOW).expect("blocked");
+        assert!(msg.starts_with("m2: certificate AA due since") && msg.contains("1032h ago"), "{msg}");
+        let d = Decision::Wait { node: "m1".into(), why: "m1 is unhealthy".into() };
+        let (_, conds) = aggregate(&masters(), &st, &d, None, Some(&msg), NOW);
+        assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "RenewalBlocked" && m.contains("m2:")), "{conds:?}");
+        // A certificate the CA cut short is ClusterCAExpiring's, not this.
+        assert_eq!(renewal_blocked(&s, &st, Some(NOW + 30 * day), NOW), None);
     }
 
     #[test]
@@ -1407,7 +1461,7 @@ mod tests {
         let rev = spec_revision(&s);
         let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
         st[1].operator_pod_error = Some("kubelet has no staticPodPath".into());
-        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, None, NOW);
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
         assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "OperatorPodNotPlaced" && m.contains("m2: kubelet")), "{conds:?}");
     }
 
