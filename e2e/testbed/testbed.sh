@@ -302,13 +302,19 @@ build_tools() { # crictl (kind's `load docker-image` uses it in the nodes) and a
   touch "$TOOLS_BIN/.complete"
 }
 
+bins_cached() { [ -f "$K8S_BIN/.complete" ] && [ -f "$ETCD_BIN/.complete" ] && [ -f "$KIND_BIN/.complete" ]; }
+
 cmd_bins() {
   mkdir -p "$STATE" "$CACHE"
-  if pgrep -f 'testbed/build-k8s.sh' >/dev/null; then
-    wait_for "the running build-k8s.sh (another process) to finish" 5400 sh -c '! pgrep -f testbed/build-k8s.sh' \
+  # Another build-k8s.sh (a second `up`, or e2e/run.sh's background build of the version
+  # matrix, which builds other versions) is waited for only when this cluster's binaries
+  # are missing. The pattern's [b] keeps pgrep from matching the `sh -c` that runs it
+  # (whose command line holds the pattern itself): without it the wait never ends.
+  if ! bins_cached && pgrep -f 'testbed/[b]uild-k8s.sh' >/dev/null; then
+    wait_for "the running build-k8s.sh (another process) to finish" 5400 sh -c "! pgrep -f 'testbed/[b]uild-k8s.sh'" \
       || die "build-k8s.sh still running after 90 min"
   fi
-  if [ -f "$K8S_BIN/.complete" ] && [ -f "$ETCD_BIN/.complete" ] && [ -f "$KIND_BIN/.complete" ]; then
+  if bins_cached; then
     log "bins: k8s $K8S_VERSION, etcd $ETCD_VERSION, kind $KIND_VERSION cached"
   else
     timeout 4800 bash "$HERE/build-k8s.sh" 2>&1 | tee "$STATE/build-k8s.log" | { grep -v '^go: downloading' >&2 || true; } \
