@@ -109,16 +109,22 @@ impl KcmBinary {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             }
         };
-        let version = run("--version").await?.parse::<KcmVersion>().map_err(|e| InstallError::Kcm {
-            binary: binary_path.into(),
-            arg: "--version",
-            reason: format!("{e} (is it kube-controller-manager?)"),
-        })?;
+        let version = version_output(&run("--version").await?).map_err(|reason| InstallError::Kcm { binary: binary_path.into(), arg: "--version", reason })?;
         let accepted = parse_help(&run("--help").await?);
         if accepted.is_empty() {
             return Err(InstallError::Kcm { binary: binary_path.into(), arg: "--help", reason: "lists no flags".into() });
         }
         Ok(Self { version, accepted })
+    }
+}
+
+/// The version in what kube-controller-manager's `--version` prints (`Kubernetes v1.35.4`);
+/// anything else is not kcm (coreutils' `true --version` says `true (GNU coreutils) 9.1`).
+pub fn version_output(out: &str) -> std::result::Result<KcmVersion, String> {
+    let out = out.trim();
+    match out.strip_prefix("Kubernetes v") {
+        Some(_) => out.parse::<KcmVersion>().map_err(|e| e.to_string()),
+        None => Err(format!("prints {:?}, not `Kubernetes v<version>`: not kube-controller-manager", out.lines().next().unwrap_or(""))),
     }
 }
 
@@ -432,6 +438,15 @@ pub async fn install(
 #[cfg(test)]
 mod tests {
     use super::NewCert;
+
+    #[test]
+    fn only_kcm_says_kubernetes_and_its_version() {
+        assert_eq!(super::version_output("Kubernetes v1.35.4\n").unwrap().to_string(), "v1.35.4");
+        let e = super::version_output("true (GNU coreutils) 9.1\nCopyright (C) 2022").unwrap_err();
+        assert!(e.contains("true (GNU coreutils) 9.1") && e.contains("not kube-controller-manager"), "{e}");
+        assert!(super::version_output("").is_err());
+        assert!(super::version_output("Kubernetes vX").is_err());
+    }
 
     #[test]
     fn a_renewal_replaces_only_the_certificate_it_names() {
