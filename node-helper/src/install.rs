@@ -288,7 +288,9 @@ pub fn usable_pair(host: &HostFs, spec: &KubeControllerManagerSpec, p: &Prepared
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     // Nor one that lives longer than the spec now asks for (the validity was shortened).
     let live = cert.not_after > now + 60 && cert.not_after <= now + spec.certificate.validity_secs() + 300;
-    Ok((live && cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
+    // Nor one the CA file no longer trusts (a CA rotated: its old CA dropped from the bundle).
+    let trusted = pki::issued_by(cert_pem.as_bytes(), p.ca_pem.as_bytes()).unwrap_or(false);
+    Ok((live && trusted && cert.matches_key(&key) && alg_ok && cert.sans == p.id.expected_sans()).then_some((cert_pem, key_pem, cert)))
 }
 
 /// Before a new certificate is installed: it chains to the CA the kubeconfig names, and the

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcm_operator::pki::{pem_block, CertInfo};
+use kcm_operator::pki::{pem_blocks, CertInfo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,9 +32,11 @@ pub async fn healthz(ip: IpAddr, port: u16, ca_pem: &str, timeout: Duration) -> 
 }
 
 async fn probe(ip: IpAddr, port: u16, ca_pem: &str) -> Result<Health, String> {
-    let ca = pem_block(ca_pem.as_bytes(), "CERTIFICATE", "CA").map_err(|e| e.to_string())?;
+    // Every CA of the file: a bundle (old and new CA) trusts a kcm serving either's certificate.
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca)).map_err(|e| format!("CA: {e}"))?;
+    for ca in pem_blocks(ca_pem.as_bytes(), "CERTIFICATE", "CA").map_err(|e| e.to_string())? {
+        roots.add(CertificateDer::from(ca)).map_err(|e| format!("CA: {e}"))?;
+    }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

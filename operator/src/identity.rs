@@ -16,7 +16,7 @@ use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SerialNumber};
 
 use crate::api::NAMESPACE;
-use crate::pki::{key_from_pem, pem_block, CertInfo, PkiError};
+use crate::pki::{key_from_pem, pem_block, PkiError};
 
 /// The user the operator's host-minted certificate names (CN; no O, so no groups).
 pub const OPERATOR_USER: &str = "kcm-operator";
@@ -77,10 +77,9 @@ pub fn renew_in(issued_at: i64, not_after: i64, now: i64) -> Duration {
 /// only, notBefore `now - 5 min`, notAfter `now + validity` capped at the CA's notAfter.
 pub fn mint(ca_cert_pem: &str, ca_key_pem: &str, now: i64, validity: Duration) -> Result<ClientCert> {
     let ca_key = key_from_pem(ca_key_pem, "CA key")?;
-    let ca = CertInfo::from_pem(ca_cert_pem.as_bytes(), "CA certificate")?;
-    if !ca.matches_key(&ca_key) {
-        return Err(PkiError::Parse { what: "CA key".into(), reason: "does not belong to the CA certificate".into() }.into());
-    }
+    // A bundle (old and new CA) signs with the certificate of its key.
+    let (ca_cert_pem, ca) = crate::pki::signing_cert(ca_cert_pem, &ca_key, "CA certificate")?;
+    let ca_cert_pem = ca_cert_pem.as_str();
     if ca.not_after <= now {
         return Err(IdentityError::CaExpired(crate::pki::rfc3339(ca.not_after)));
     }
@@ -116,7 +115,7 @@ pub fn kubeconfig(apiserver: &str, ca_cert_pem: &str, cert: &ClientCert) -> Resu
     if !apiserver.starts_with("https://") {
         return Err(bad("the apiserver URL must start with https://".into()));
     }
-    // Only the CA certificate itself: a bundle file might hold more than one block.
+    // At least one certificate; the whole file is trusted (every CA of a bundle).
     pem_block(ca_cert_pem.as_bytes(), "CERTIFICATE", "CA certificate")?;
     let value = serde_json::json!({
         "apiVersion": "v1",
@@ -194,6 +193,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::CertInfo;
     use x509_parser::prelude::{FromDer, X509Certificate};
 
     /// An RSA CA like kubeadm's, expiring at `not_after`.

@@ -247,7 +247,7 @@ async fn lead(elector: Option<&Elector>, client: kube::Client, signer: SignerCon
                 None
             }
             _ = approver::run(client.clone(), signer.clone(), metrics.clone()) => Some(anyhow::anyhow!("signer stream ended")),
-            _ = kcm_operator::rollout::run(client.clone(), signer.ca_cert.clone(), metrics.clone()) => Some(anyhow::anyhow!("rollout stream ended")),
+            _ = kcm_operator::rollout::run(client.clone(), signer.ca_cert.clone(), signer.ca_key.clone(), metrics.clone()) => Some(anyhow::anyhow!("rollout stream ended")),
         };
         metrics.set_leading(false);
         if let Some(e) = end {

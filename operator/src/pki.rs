@@ -105,14 +105,50 @@ pub fn make_csr(key: &KeyPair, sans: &Sans) -> Result<String> {
 
 /// Decodes the first PEM block of `pem` whose label is `label`.
 pub fn pem_block(pem: &[u8], label: &str, what: &str) -> Result<Vec<u8>> {
-    let text = std::str::from_utf8(pem).map_err(|_| PkiError::Pem { what: what.into() })?;
+    pem_blocks(pem, label, what)?.into_iter().next().ok_or_else(|| PkiError::Pem { what: what.into() })
+}
+
+/// Decodes every PEM block of `pem` whose label is `label`, in order (a CA bundle holds
+/// several: the old CA and the new one during a rotation). At least one.
+pub fn pem_blocks(pem: &[u8], label: &str, what: &str) -> Result<Vec<Vec<u8>>> {
+    use base64::Engine;
+    let bad = || PkiError::Pem { what: what.into() };
+    let text = std::str::from_utf8(pem).map_err(|_| bad())?;
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start = text.find(&begin).ok_or_else(|| PkiError::Pem { what: what.into() })? + begin.len();
-    let stop = text[start..].find(&end).ok_or_else(|| PkiError::Pem { what: what.into() })? + start;
-    let b64: String = text[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(&begin) {
+        let body = &rest[at + begin.len()..];
+        let stop = body.find(&end).ok_or_else(bad)?;
+        let b64: String = body[..stop].chars().filter(|c| !c.is_whitespace()).collect();
+        out.push(base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| bad())?);
+        rest = &body[stop + end.len()..];
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// DER as one PEM block.
+pub fn to_pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| PkiError::Pem { what: what.into() })
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+/// The certificate of a CA bundle whose public key is `key`'s: the CA that signs with it
+/// (a bundle may trust an old and a new CA), as one PEM block and its facts.
+pub fn signing_cert(bundle: &str, key: &KeyPair, what: &str) -> Result<(String, CertInfo)> {
+    for der in pem_blocks(bundle.as_bytes(), "CERTIFICATE", what)? {
+        let info = CertInfo::from_der(&der, what)?;
+        if info.matches_key(key) {
+            return Ok((to_pem("CERTIFICATE", &der), info));
+        }
+    }
+    Err(PkiError::Parse { what: format!("{what} key"), reason: "belongs to no certificate of the CA file".into() })
 }
 
 /// What the helper and the operator need to know of an installed certificate.
@@ -128,9 +164,13 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
+    /// The first certificate of `pem`.
     pub fn from_pem(pem: &[u8], what: &str) -> Result<Self> {
-        let der = pem_block(pem, "CERTIFICATE", what)?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse { what: what.into(), reason: e.to_string() })?;
+        Self::from_der(&pem_block(pem, "CERTIFICATE", what)?, what)
+    }
+
+    pub fn from_der(der: &[u8], what: &str) -> Result<Self> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse { what: what.into(), reason: e.to_string() })?;
         let mut sans = Sans::default();
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
@@ -167,14 +207,18 @@ impl CertInfo {
     }
 }
 
-/// Whether the certificate in `cert_pem` is signed by the CA in `ca_pem` (its issuer matches
-/// the CA's subject and the signature verifies with the CA's key).
+/// Whether the certificate in `cert_pem` is signed by a CA of the bundle `ca_pem` (its
+/// issuer matches that CA's subject and the signature verifies with that CA's key).
 pub fn issued_by(cert_pem: &[u8], ca_pem: &[u8]) -> Result<bool> {
     let cert_der = pem_block(cert_pem, "CERTIFICATE", "certificate")?;
-    let ca_der = pem_block(ca_pem, "CERTIFICATE", "CA certificate")?;
     let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| PkiError::Parse { what: "certificate".into(), reason: e.to_string() })?;
-    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse { what: "CA certificate".into(), reason: e.to_string() })?;
-    Ok(cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok())
+    for ca_der in pem_blocks(ca_pem, "CERTIFICATE", "CA certificate")? {
+        let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse { what: "CA certificate".into(), reason: e.to_string() })?;
+        if cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
@@ -282,5 +326,29 @@ pub(crate) mod tests {
         let other = ca_params.self_signed(&other_key).unwrap();
         assert!(!issued_by(leaf.pem().as_bytes(), other.pem().as_bytes()).unwrap());
         assert!(issued_by(b"not pem", ca.pem().as_bytes()).is_err());
+        // A bundle (old and new CA, in either order) trusts what either issued.
+        for bundle in [format!("{}{}", other.pem(), ca.pem()), format!("{}\n{}", ca.pem(), other.pem())] {
+            assert!(issued_by(leaf.pem().as_bytes(), bundle.as_bytes()).unwrap(), "{bundle}");
+        }
+    }
+
+    #[test]
+    fn the_signing_certificate_of_a_bundle_is_the_one_of_the_key() {
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let ((old, old_key), (new, new_key)) = (ca("old"), ca("new"));
+        let bundle = format!("{}{}", old.pem(), new.pem());
+        assert_eq!(pem_blocks(bundle.as_bytes(), "CERTIFICATE", "bundle").unwrap().len(), 2);
+        let (pem, info) = signing_cert(&bundle, &new_key, "CA").unwrap();
+        assert_eq!(info.common_name.as_deref(), Some("new"));
+        assert_eq!(pem_block(pem.as_bytes(), "CERTIFICATE", "x").unwrap(), new.der().to_vec(), "re-encoded as it was");
+        assert_eq!(signing_cert(&bundle, &old_key, "CA").unwrap().1.common_name.as_deref(), Some("old"));
+        let stranger = KeyPair::generate().unwrap();
+        assert!(signing_cert(&bundle, &stranger, "CA").unwrap_err().to_string().contains("belongs to no certificate"));
     }
 }

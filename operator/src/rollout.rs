@@ -583,9 +583,11 @@ pub enum RolloutError {
 
 struct Ctx {
     client: kube::Client,
-    /// The cluster CA certificate the signer issues under (its notAfter caps renewals; its
-    /// PEM seeds `kube-root-ca.crt` when no kcm has published it).
+    /// The cluster CA file (a bundle may hold several CAs: its PEM seeds `kube-root-ca.crt`
+    /// when no kcm has published it) and the key the signer signs with (the notAfter of its
+    /// certificate caps renewals).
     ca_cert: std::path::PathBuf,
+    ca_key: std::path::PathBuf,
     stores: Stores,
     metrics: OperatorMetrics,
     steps: std::sync::Mutex<StepTracker>,
@@ -680,9 +682,14 @@ pub fn aggregate(
     (healthy, conds)
 }
 
-fn read_ca(path: &std::path::Path) -> Option<(String, i64)> {
-    let pem = std::fs::read_to_string(path).map_err(|e| tracing::warn!("reading the cluster CA {}: {e}", path.display())).ok()?;
-    let info = crate::pki::CertInfo::from_pem(pem.as_bytes(), "cluster CA").map_err(|e| tracing::warn!("{e}")).ok()?;
+/// The CA file as it is, and the notAfter of the certificate the signer signs with (the
+/// one of its key, in a bundle of several).
+fn read_ca(path: &std::path::Path, key_path: &std::path::Path) -> Option<(String, i64)> {
+    let read =
+        |p: &std::path::Path, what: &str| std::fs::read_to_string(p).map_err(|e| tracing::warn!("reading the cluster CA's {what} {}: {e}", p.display())).ok();
+    let pem = read(path, "certificate")?;
+    let key = crate::pki::key_from_pem(&read(key_path, "key")?, "cluster CA key").map_err(|e| tracing::warn!("{e}")).ok()?;
+    let (_, info) = crate::pki::signing_cert(&pem, &key, "cluster CA").map_err(|e| tracing::warn!("{e}")).ok()?;
     Some((pem, info.not_after))
 }
 
@@ -697,7 +704,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     masters.sort();
     let lease = ctx.stores.kcm_lease.get(&ObjectRef::new(KCM_LEASE.1).within(KCM_LEASE.0));
     let now = k8s_openapi::jiff::Timestamp::now();
-    let ca = read_ca(&ctx.ca_cert);
+    let ca = read_ca(&ctx.ca_cert, &ctx.ca_key);
 
     // Every master needs a running helper, also when no kcm (DaemonSet controller) runs.
     let pods = ctx.stores.helper_pods.state();
@@ -851,12 +858,13 @@ async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, node: Option<&KcmNode>,
 }
 
 /// Runs the rollout until a watch ends: looks at the stores whenever something changes
-/// (or a deadline comes), never polls the API. `ca_cert`: the cluster CA the signer uses;
-/// `metrics`: where the per-master series, the conditions and the steps are exported.
-pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, metrics: OperatorMetrics) {
+/// (or a deadline comes), never polls the API. `ca_cert`, `ca_key`: the cluster CA the
+/// signer uses; `metrics`: where the per-master series, the conditions and the steps are
+/// exported.
+pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, ca_key: std::path::PathBuf, metrics: OperatorMetrics) {
     let wake = Arc::new(Notify::new());
     let (stores, watches) = Stores::watch(&client, wake.clone());
-    let ctx = Ctx { client, ca_cert, stores, metrics, steps: Default::default(), receipts: Default::default() };
+    let ctx = Ctx { client, ca_cert, ca_key, stores, metrics, steps: Default::default(), receipts: Default::default() };
     let control = async {
         if ctx.stores.ready().await.is_err() {
             return;

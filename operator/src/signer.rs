@@ -369,11 +369,9 @@ pub struct Ca {
 impl Ca {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = crate::pki::key_from_pem(key_pem, "CA key")?;
-        let info = CertInfo::from_pem(cert_pem.as_bytes(), "CA certificate")?;
-        if !info.matches_key(&key) {
-            return Err(PkiError::Parse { what: "CA key".into(), reason: "does not belong to the CA certificate".into() });
-        }
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| PkiError::Rcgen { what: "CA certificate".into(), source })?;
+        // A bundle (old and new CA during a rotation) signs with the certificate of its key.
+        let (cert_pem, info) = crate::pki::signing_cert(cert_pem, &key, "CA certificate")?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| PkiError::Rcgen { what: "CA certificate".into(), source })?;
         Ok(Self { issuer, info })
     }
 }
@@ -817,6 +815,21 @@ dK4FTmIdaV6yOlLhA+/52MMrUPZ06lC3QDo03leA74QWd1ss4+k=
         match issue_locally(&spec, &identity(), &ca, now) {
             Err(IssueError::Denied(d)) => assert_eq!(d.rule, Rule::ServiceRange, "{d}"),
             other => panic!("a node address in the service range was issued: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_ca_bundle_signs_with_the_certificate_of_its_key() {
+        let ((old, old_key), (new, new_key)) = (test_ca(), test_ca());
+        let accepted = Case::good(KeyAlgorithm::Rsa2048).check(KeyAlgorithm::Rsa2048).unwrap();
+        for bundle in [format!("{old}{new}"), format!("{new}{old}")] {
+            let ca = Ca::from_pem(&bundle, &new_key).expect("a bundle with the key's certificate in it");
+            let pem = sign(&accepted, &ca, 1_800_000_000, 3600, None).unwrap();
+            assert!(crate::pki::issued_by(pem.as_bytes(), new.as_bytes()).unwrap(), "signed by the key's CA");
+            assert!(!crate::pki::issued_by(pem.as_bytes(), old.as_bytes()).unwrap());
+            assert!(crate::pki::issued_by(pem.as_bytes(), bundle.as_bytes()).unwrap(), "trusted by the bundle");
+            let minted = crate::identity::mint(&bundle, &old_key, 1_800_000_000, std::time::Duration::from_secs(3600)).unwrap();
+            assert!(crate::pki::issued_by(minted.cert_pem.as_bytes(), old.as_bytes()).unwrap(), "the operator's identity from the old key's CA");
         }
     }
 
