@@ -30,15 +30,15 @@ use kube::api::{Api, ListParams};
 const BIN: &str = "/usr/local/bin/kcm-node-helper";
 const CR_FILE: &str = "/root/kcm.yaml";
 
-/// The node-helper binary of the image the cluster runs, copied out of it.
-fn node_helper_from_image(dir: &std::path::Path) -> std::path::PathBuf {
-    let (ok, id) = sh(std::process::Command::new("docker").args(["create", IMAGE, "/node-helper"]));
+/// `/<name>` of the image the cluster runs (a static binary), copied out of it into `dir`.
+fn from_image(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let (ok, id) = sh(std::process::Command::new("docker").args(["create", IMAGE, &format!("/{name}")]));
     assert!(ok, "docker create {IMAGE}: {id}");
     let id = id.trim().lines().last().unwrap_or_default().to_string();
-    let out = dir.join("node-helper");
-    let (ok, msg) = sh(std::process::Command::new("docker").args(["cp", &format!("{id}:/node-helper"), out.to_str().unwrap()]));
+    let out = dir.join(name);
+    let (ok, msg) = sh(std::process::Command::new("docker").args(["cp", &format!("{id}:/{name}"), out.to_str().unwrap()]));
     let _ = sh(std::process::Command::new("docker").args(["rm", &id]));
-    assert!(ok, "docker cp the node-helper out of {IMAGE}: {msg}");
+    assert!(ok, "docker cp /{name} out of {IMAGE}: {msg}");
     out
 }
 
@@ -91,7 +91,7 @@ async fn seed_day0_bootstrap_before_the_kubelets() {
     assert!(ok && out.trim() == "ok", "the apiserver answers with no kubelet: {out}");
 
     let dir = tempfile::tempdir().unwrap();
-    let bin = node_helper_from_image(dir.path());
+    let bin = from_image(dir.path(), "node-helper");
     let (cr_yaml, spec) = seed_cr();
     for m in &masters {
         let (ok, out) = sh(std::process::Command::new("docker").args(["cp", bin.to_str().unwrap(), &format!("{m}:{BIN}")]));
@@ -210,21 +210,33 @@ async fn seed_day0_bootstrap_before_the_kubelets() {
     );
     let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
 
-    // ---------------------------------------------------------------- the next certificate: the operator's signer
+    // ---------------------------------------------------------------- renew now: the operator's signer
     let (_, before) = cr(&c).await.expect("CR");
     let serials: BTreeMap<String, String> = before.nodes.iter().map(|n| (n.name.clone(), n.cert_serial.clone().unwrap_or_default())).collect();
-    e2e::kind::patch_cr(&c, &serde_json::json!({"spec": {"certificate": {"validityHours": 8759}}})).await.expect("patching the CR");
+    let operator = from_image(dir.path(), "kcm-operator");
+    let (ok, out) = sh(std::process::Command::new(&operator).arg("renew").env("KUBECONFIG", e2e::kind::kubeconfig()));
+    assert!(ok, "kcm-operator renew:\n{out}");
+    println!("renew now: {}", out.trim().lines().last().unwrap_or_default());
     let t0 = Instant::now();
     let since = now_secs();
+    // When each master's new certificate was first reported, and which master led then.
+    let mut renewed_at: BTreeMap<String, f64> = BTreeMap::new();
     loop {
         let (_, s) = cr(&c).await.expect("CR");
-        let renewed = masters.iter().all(|m| s.nodes.iter().any(|n| &n.name == m && n.cert_serial.is_some() && n.cert_serial.as_ref() != serials.get(m)));
-        if renewed && all_healthy(&c, &masters, since).await.is_ok() {
+        for n in &s.nodes {
+            if n.cert_serial.is_some() && n.cert_serial.as_ref() != serials.get(&n.name) {
+                renewed_at.entry(n.name.clone()).or_insert_with(|| t0.elapsed().as_secs_f64());
+            }
+        }
+        if renewed_at.len() == masters.len() && all_healthy(&c, &masters, since).await.is_ok() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "no new certificate on every master within 300s of the CR change: {:?}\n{}", s.nodes, diagnostics());
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(t0.elapsed() < Duration::from_secs(300), "renew now: renewed {renewed_at:?} within 300s: {:?}\n{}", s.nodes, diagnostics());
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let leader_now = kcm_lease(&c).await.and_then(|l| l.node()).unwrap_or_default();
+    let last = renewed_at.iter().max_by(|a, b| a.1.total_cmp(b.1)).map(|(m, _)| m.clone()).unwrap_or_default();
+    assert_eq!(last, leader_now, "renew now: the leader's master renewed last: {renewed_at:?}");
     let csrs = Api::<CertificateSigningRequest>::all(c.clone()).list(&ListParams::default()).await.unwrap();
     for m in &masters {
         let installed = CertInfo::from_pem(must(m, &format!("cat {SEED_CERT}")).as_bytes(), "kcm certificate").unwrap();
@@ -240,6 +252,16 @@ async fn seed_day0_bootstrap_before_the_kubelets() {
         assert!(issued, "{m}'s new certificate {} is the one a CSR of {SIGNER_NAME} for {m} was issued", installed.serial_hex);
     }
     let after: BTreeMap<String, u32> = masters.iter().map(|m| (m.clone(), main_pid(m))).collect();
-    assert_eq!(after, pids, "a restart-free (Referenced) new certificate restarted kcm");
-    println!("next certificate: issued by {SIGNER_NAME} through the CSR API for every master in {:.1}s, kcm not restarted", t0.elapsed().as_secs_f64());
+    assert_eq!(after, pids, "a restart-free (Referenced) renewal restarted kcm");
+    // Asked once, done once: nothing more is renewed for the same request.
+    let (_, s) = cr(&c).await.expect("CR");
+    let renewed: BTreeMap<String, String> = s.nodes.iter().map(|n| (n.name.clone(), n.cert_serial.clone().unwrap_or_default())).collect();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (_, s) = cr(&c).await.expect("CR");
+    let later: BTreeMap<String, String> = s.nodes.iter().map(|n| (n.name.clone(), n.cert_serial.clone().unwrap_or_default())).collect();
+    assert_eq!(later, renewed, "renew now renewed a master a second time for the same request");
+    println!(
+        "renew now: every master renewed once by {SIGNER_NAME} through the CSR API, the leader {leader_now} last ({renewed_at:?} s), kcm not restarted, in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }

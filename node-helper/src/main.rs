@@ -427,6 +427,14 @@ impl Helper {
                 Report { unit_active, healthy, ..keep }
             }
         };
+        // A report from before notBefore was reported (a helper upgraded since its last step):
+        // read from the installed certificate, so a renew-now request can be judged.
+        if report.not_before.is_none() {
+            let installed = read_host(host, &spec.paths.cert).and_then(|pem| kcm_operator::pki::CertInfo::from_pem(&pem, "installed certificate").ok());
+            if let Some(c) = installed.filter(|c| report.cert_serial.as_deref().is_some_and(|s| s.eq_ignore_ascii_case(&c.serial_hex))) {
+                report.not_before = Some(kcm_operator::pki::rfc3339(c.not_before));
+            }
+        }
         let now = k8s_openapi::jiff::Timestamp::now();
         // Reading and hashing the files is blocking I/O: off the async runtime (the fence
         // follows kcm every 100 ms on it).

@@ -202,6 +202,7 @@ impl Node<'_> {
             applied_revision: Some(revision.into()),
             cert_serial: Some(installed.cert.serial_hex.clone()),
             not_after: Some(rfc3339(installed.cert.not_after)),
+            not_before: Some(rfc3339(installed.cert.not_before)),
             kcm_version: Some(installed.kcm_version.to_string()),
             unit_active: true,
             healthy: true,

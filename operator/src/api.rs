@@ -36,6 +36,10 @@ pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// Annotation on each CSR naming the target revision (the step) it is requested for: the
 /// signer issues one certificate per node and step.
 pub const CSR_REVISION_ANNOTATION: &str = "kcm.kcm-operator.io/revision";
+/// Renew now: on the KubeControllerManager (every master) or on a KcmNode (that master), an
+/// RFC 3339 time; a master whose certificate was issued before it gets a renewal, one master
+/// at a time, the leader's last (`kcm-operator renew [--node N]` sets it to now).
+pub const RENEW_REQUESTED_ANNOTATION: &str = "kcm.kcm-operator.io/renew-requested-at";
 /// The Lease kcm itself elects its leader on (seed 2.5).
 pub const KCM_LEASE: (&str, &str) = ("kube-system", "kube-controller-manager");
 /// Label of control-plane nodes set by kubeadm; the default master selector.
@@ -451,6 +455,11 @@ pub struct NodeStatus {
     /// What the master's helper reports (its KcmNode's status).
     #[serde(flatten)]
     pub report: KcmNodeStatus,
+    /// The latest renew-now request for this master (unix seconds; the CR's or its KcmNode's
+    /// [`RENEW_REQUESTED_ANNOTATION`]). Not part of the status: the operator reads it anew.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub renew_requested_at: Option<i64>,
 }
 
 impl std::ops::Deref for NodeStatus {
@@ -474,6 +483,7 @@ impl NodeStatus {
             target_revision: node.spec.target_revision.as_ref().map(Revision::to_string),
             renew_at: node.spec.renew_at.clone(),
             report: node.status.clone().unwrap_or_default(),
+            renew_requested_at: None,
         }
     }
 }
@@ -663,6 +673,10 @@ pub struct KcmNodeStatus {
     /// notAfter of the installed certificate (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<String>,
+    /// notBefore of the installed certificate (RFC 3339): issued 5 minutes later (the signer
+    /// backdates it for clock skew); what a renew-now request is compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
     /// kube-controller-manager version found on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kcm_version: Option<String>,

@@ -79,6 +79,39 @@ enum Cmd {
         #[arg(long)]
         image: String,
     },
+    /// Renew now: ask for a new kcm certificate on every master (or one), issued through the
+    /// CSR API one master at a time, the leader's last. Sets the renew-requested-at
+    /// annotation to now on the KubeControllerManager (or the master's KcmNode), with the
+    /// kubeconfig's credentials (KUBECONFIG).
+    Renew {
+        /// Only this master (its KcmNode).
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+/// `kcm-operator renew`: the annotation set to now, on the CR or on one master's KcmNode.
+async fn renew_now(node: Option<&str>) -> anyhow::Result<()> {
+    use kcm_operator::api::{KcmNode, KubeControllerManager, CR_NAME, RENEW_REQUESTED_ANNOTATION};
+    let client = kube::Client::try_default().await.context("building a Kubernetes client from the kubeconfig")?;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": {RENEW_REQUESTED_ANNOTATION: now}}}));
+    let pp = kube::api::PatchParams::default();
+    let what = match node {
+        Some(n) => {
+            kube::Api::<KcmNode>::all(client).patch(n, &pp, &patch).await.with_context(|| format!("annotating KcmNode {n}"))?;
+            format!("KcmNode {n}")
+        }
+        None => {
+            kube::Api::<KubeControllerManager>::all(client)
+                .patch(CR_NAME, &pp, &patch)
+                .await
+                .with_context(|| format!("annotating KubeControllerManager {CR_NAME}"))?;
+            format!("KubeControllerManager {CR_NAME} (every master)")
+        }
+    };
+    println!("{what}: {RENEW_REQUESTED_ANNOTATION}={now}; `kubectl get kcmnodes` shows each master's new serial as it is renewed");
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -113,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
             serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a KubeControllerManager", cr.display()))?;
         print!("{}", kcm_operator::staticpod::operator_pod(&kcm.spec, image));
         return Ok(());
+    }
+    if let Some(Cmd::Renew { node }) = &args.cmd {
+        return renew_now(node.as_deref()).await;
     }
     let mut signer = SignerConfig::new(&args.ca_cert, &args.ca_key);
     signer.helper_namespace = args.helper_namespace.clone();

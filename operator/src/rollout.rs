@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use crate::api::CR_NAME;
 use crate::api::{
     KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, KubeconfigMode, NodeStatus, Revision, HELPER_APP,
-    HELPER_DAEMONSET, KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RESCUE_APP, STALE_AFTER_SECS,
+    HELPER_DAEMONSET, KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RENEW_REQUESTED_ANNOTATION, RESCUE_APP, STALE_AFTER_SECS,
 };
 use crate::approver::is_master;
 use crate::kube_error::{kube_err, KubeError};
@@ -105,11 +105,44 @@ fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_af
     }
     let not_after = n.not_after.as_deref().and_then(parse_time)?;
     let serial = n.cert_serial.as_deref()?;
+    if let Some(at) = n.renew_requested_at.filter(|at| issued_before(n, *at)) {
+        return Some((Revision::renew(rev, serial).to_string(), format!("renewal of {serial} requested at {}", crate::pki::rfc3339(at))));
+    }
     if capped_by_ca(not_after, ca_not_after) {
         return None;
     }
     renewal_due(spec, not_after, now)
         .then(|| (Revision::renew(rev, serial).to_string(), format!("certificate {serial} expires {}", n.not_after.as_deref().unwrap_or("?"))))
+}
+
+/// Whether the master's certificate was issued before `at` (its notBefore is the issue time
+/// backdated by the signer's 5 minutes). Unknown (a report without notBefore): no, so a
+/// request can never renew in a loop.
+pub fn issued_before(n: &NodeStatus, at: i64) -> bool {
+    n.not_before.as_deref().and_then(parse_time).is_some_and(|nb| nb + crate::identity::BACKDATE_SECS < at)
+}
+
+/// The renew-now requests, by master: the latest of the CR's and each KcmNode's
+/// [`crate::api::RENEW_REQUESTED_ANNOTATION`]. A value that is not an RFC 3339 time is
+/// ignored and named in the second list (`<object>: <value>`).
+pub fn renew_requests(cr: Option<&str>, nodes: &[(String, Option<String>)]) -> (BTreeMap<String, i64>, Vec<String>) {
+    let mut bad = Vec::new();
+    let mut parse = |what: &str, v: &str| match parse_time(v.trim()) {
+        Some(t) => Some(t),
+        None => {
+            bad.push(format!("{what}: {v:?}"));
+            None
+        }
+    };
+    let all = cr.and_then(|v| parse("KubeControllerManager kube-controller-manager", v));
+    let mut out = BTreeMap::new();
+    for (name, v) in nodes {
+        let own = v.as_deref().and_then(|v| parse(&format!("KcmNode {name}"), v));
+        if let Some(t) = own.max(all) {
+            out.insert(name.clone(), t);
+        }
+    }
+    (out, bad)
 }
 
 /// Whether a certificate ending at `not_after` was cut short by the CA's own notAfter
@@ -428,7 +461,10 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     // The leader's renewal is due before the others': first renew, early, the followers whose
     // certificates are of the same round (ending at most a round window after the leader's),
     // so the leader's master still goes last. A follower renewed since is not pulled again.
-    let leader_not_after = next.not_after.as_deref().and_then(parse_time);
+    // Only a renewal the schedule makes due pulls the round in: one asked for (renew now)
+    // renews each master asked once, and would otherwise pull the followers it just renewed
+    // (their new certificates end minutes after the leader's) again and again.
+    let leader_not_after = next.not_after.as_deref().and_then(parse_time).filter(|t| renewal_due(spec, *t, now));
     let renewal = revision.parse::<Revision>().is_ok_and(|r| r.renews().is_some());
     if let (true, true, Some(leader_not_after)) = (is_leader(next), renewal, leader_not_after) {
         let early = nodes
@@ -593,6 +629,8 @@ struct Ctx {
     steps: std::sync::Mutex<StepTracker>,
     /// When the reports and kcm's Lease were received, on this operator's clock.
     receipts: std::sync::Mutex<Receipts>,
+    /// Renew-now values that do not parse and were told in an Event already.
+    announced: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What the operator knows of the cluster, kept current by watches: a reconcile reads only
@@ -640,12 +678,22 @@ impl Stores {
 /// The CR's aggregate status from the per-node reports (pure): READY counts only fresh
 /// healthy reports; Available is True while at least one master is healthy; Degraded names
 /// the most urgent reason.
+/// What else the Degraded condition may have to say, besides the decision.
+#[derive(Clone, Debug, Default)]
+pub struct Warnings<'a> {
+    /// [`ca_expiring`]'s message.
+    pub ca_expiring: Option<&'a str>,
+    /// [`renewal_blocked`]'s message.
+    pub renewal_blocked: Option<&'a str>,
+    /// Renew-now annotations that do not parse ([`renew_requests`]).
+    pub bad_renew_requests: &'a [String],
+}
+
 pub fn aggregate(
     masters: &[String],
     nodes: &[NodeStatus],
     decision: &Decision,
-    ca_message: Option<&str>,
-    renewal_blocked: Option<&str>,
+    warnings: &Warnings<'_>,
     now: i64,
 ) -> (usize, Vec<(&'static str, bool, String, String)>) {
     let healthy = masters.iter().filter(|m| nodes.iter().any(|n| &n.name == *m && n.healthy && fresh(n, now))).count();
@@ -671,9 +719,16 @@ pub fn aggregate(
     let (degraded, dreason, dmsg) = match decision {
         Decision::Stop { node, reason } => (true, "RolloutFailed", format!("{node}: {reason}")),
         Decision::Backoff { node, step, reason } => (true, step.reasons().1, format!("{node}: {reason}")),
-        _ if renewal_blocked.is_some() => (true, "RenewalBlocked", format!("{} (Progressing says what holds it)", renewal_blocked.unwrap_or_default())),
+        _ if warnings.renewal_blocked.is_some() => {
+            (true, "RenewalBlocked", format!("{} (Progressing says what holds it)", warnings.renewal_blocked.unwrap_or_default()))
+        }
+        _ if !warnings.bad_renew_requests.is_empty() => (
+            true,
+            "RenewRequestInvalid",
+            format!("{} is not an RFC 3339 time: ignored", warnings.bad_renew_requests.join(", ")) + &format!(" ({RENEW_REQUESTED_ANNOTATION})"),
+        ),
         _ if !pod_errors.is_empty() => (true, "OperatorPodNotPlaced", pod_errors.join("; ")),
-        _ => match ca_message {
+        _ => match warnings.ca_expiring {
             Some(m) => (true, "ClusterCAExpiring", m.to_string()),
             None => (false, "AsExpected", String::new()),
         },
@@ -732,6 +787,14 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         .iter()
         .map(|m| kcm_nodes.get(m).filter(|n| is_ours(n)).map_or_else(|| NodeStatus { name: m.clone(), ..Default::default() }, |n| NodeStatus::of(n)))
         .collect();
+    let annotation = |m: &kube::api::ObjectMeta| m.annotations.as_ref().and_then(|a| a.get(RENEW_REQUESTED_ANNOTATION)).cloned();
+    let (requests, bad_requests) = renew_requests(
+        annotation(&kcm.metadata).as_deref(),
+        &masters.iter().map(|m| (m.clone(), kcm_nodes.get(m).and_then(|n| annotation(&n.metadata)))).collect::<Vec<_>>(),
+    );
+    for n in entries.iter_mut() {
+        n.renew_requested_at = requests.get(&n.name).copied();
+    }
     let lease_spec = {
         let mut receipts = ctx.receipts.lock().unwrap_or_else(|p| p.into_inner());
         on_observer_clock(&mut receipts, &mut entries, lease.as_ref().and_then(|l| l.spec.as_ref()), now.as_second())
@@ -765,6 +828,16 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         if !was_degraded(failed) {
             publish(ctx, &kcm, kcm_nodes.get(node).map(|n| &**n), EventType::Warning, failed, &format!("{node}: {reason}")).await;
         }
+    }
+    // A renew-now value that does not parse: one Event per value (the condition says it too).
+    let unannounced: Vec<String> = {
+        let mut announced = ctx.announced.lock().unwrap_or_else(|p| p.into_inner());
+        announced.retain(|b| bad_requests.contains(b));
+        bad_requests.iter().filter(|b| announced.insert((*b).clone())).cloned().collect()
+    };
+    for b in unannounced {
+        publish(ctx, &kcm, None, EventType::Warning, "RenewRequestInvalid", &format!("{b} is not an RFC 3339 time ({RENEW_REQUESTED_ANNOTATION}): ignored"))
+            .await;
     }
 
     // Each master's KcmNode spec: written only when it differs from what is there.
@@ -808,7 +881,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
 
     let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
     let blocked = renewal_blocked(spec, &entries, ca_not_after, now.as_second());
-    let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, ca_message.as_deref(), blocked.as_deref(), now.as_second());
+    let warnings = Warnings { ca_expiring: ca_message.as_deref(), renewal_blocked: blocked.as_deref(), bad_renew_requests: &bad_requests };
+    let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, &warnings, now.as_second());
     ctx.metrics.masters(&entries, &renewals, now.as_second());
     ctx.metrics.kcm_leader_present.set_bool(&[], leader.is_some());
     ctx.metrics.conditions(wanted_conds.iter().map(|(t, v, _, _)| (*t, *v)));
@@ -864,7 +938,7 @@ async fn publish(ctx: &Ctx, kcm: &KubeControllerManager, node: Option<&KcmNode>,
 pub async fn run(client: kube::Client, ca_cert: std::path::PathBuf, ca_key: std::path::PathBuf, metrics: OperatorMetrics) {
     let wake = Arc::new(Notify::new());
     let (stores, watches) = Stores::watch(&client, wake.clone());
-    let ctx = Ctx { client, ca_cert, ca_key, stores, metrics, steps: Default::default(), receipts: Default::default() };
+    let ctx = Ctx { client, ca_cert, ca_key, stores, metrics, steps: Default::default(), receipts: Default::default(), announced: Default::default() };
     let control = async {
         if ctx.stores.ready().await.is_err() {
             return;
@@ -921,6 +995,7 @@ mod tests {
                 observed_at: Some(at(NOW - 2)),
                 ..Default::default()
             },
+            renew_requested_at: None,
         }
     }
     fn reported(name: &str) -> NodeStatus {
@@ -941,6 +1016,63 @@ mod tests {
         assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m1"));
         let st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
         assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
+    }
+
+    #[test]
+    fn renew_now_renews_each_master_issued_before_the_request_once_leader_last() {
+        let s = spec();
+        let rev = spec_revision(&s);
+        let issued = |n: &mut NodeStatus, t: i64, serial: &str| {
+            n.report.not_before = Some(at(t - 300));
+            n.report.not_after = Some(at(t + 8760 * 3600));
+            n.report.cert_serial = Some(serial.into());
+        };
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        for n in st.iter_mut() {
+            issued(n, NOW - 3600, "AA");
+            n.renew_requested_at = Some(NOW - 60);
+        }
+        // The leader (m2) last: m1, then m3, then m2, each once.
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            match run(&s, &st, Some("m2")) {
+                Decision::Go { node, revision, why } => {
+                    assert_eq!(revision, Revision::renew(&rev, "AA").to_string(), "{why}");
+                    assert!(why.contains("requested at"), "{why}");
+                    let n = st.iter_mut().find(|n| n.name == node).unwrap();
+                    issued(n, NOW - 30, "BB");
+                    order.push(node);
+                }
+                Decision::Done => break,
+                other => panic!("{other:?} after {order:?}"),
+            }
+        }
+        assert_eq!(order, ["m1", "m3", "m2"]);
+        // A certificate issued after the request, or one whose issue time is not reported: nothing.
+        let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
+        for n in st.iter_mut() {
+            issued(n, NOW - 30, "AA");
+            n.renew_requested_at = Some(NOW - 60);
+        }
+        st[0].report.not_before = None;
+        assert_eq!(run(&s, &st, Some("m2")), Decision::Done);
+    }
+
+    #[test]
+    fn renew_requests_take_the_latest_of_the_cr_and_the_node_and_name_bad_values() {
+        let nodes = vec![("m1".to_string(), None), ("m2".to_string(), Some("2027-01-02T00:00:00Z".to_string())), ("m3".to_string(), Some("soon".to_string()))];
+        let (got, bad) = renew_requests(Some("2027-01-01T00:00:00Z"), &nodes);
+        let t = |s: &str| parse_time(s).unwrap();
+        assert_eq!(got.get("m1"), Some(&t("2027-01-01T00:00:00Z")), "the CR's, for every master");
+        assert_eq!(got.get("m2"), Some(&t("2027-01-02T00:00:00Z")), "the node's, later");
+        assert_eq!(got.get("m3"), Some(&t("2027-01-01T00:00:00Z")), "a bad node value leaves the CR's");
+        assert_eq!(bad, ["KcmNode m3: \"soon\""]);
+        let (got, bad) = renew_requests(Some("yesterday"), &nodes[..1]);
+        assert!(got.is_empty() && bad == ["KubeControllerManager kube-controller-manager: \"yesterday\""], "{got:?} {bad:?}");
+        let mut st = vec![done("m1", "r")];
+        st[0].report.operator_pod_error = None;
+        let (_, conds) = aggregate(&["m1".to_string()], &st, &Decision::Done, &Warnings { bad_renew_requests: &bad, ..Default::default() }, NOW);
+        assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "RenewRequestInvalid" && m.contains("yesterday")), "{conds:?}");
     }
 
     #[test]
@@ -1230,7 +1362,7 @@ mod tests {
             matches!(&d, Decision::Backoff { node, step: BackoffStep::Renewal, reason } if node == "m1" && reason.contains("attempt 2") && reason.contains("no certificate")),
             "{d:?}"
         );
-        let (_, conds) = aggregate(&masters(), &st, &d, None, None, NOW);
+        let (_, conds) = aggregate(&masters(), &st, &d, &Warnings::default(), NOW);
         assert!(conds.iter().any(|(t, on, reason, _)| *t == "Degraded" && *on && reason == "RenewalFailed"), "{conds:?}");
         let later = given + renewal_backoff(2);
         for n in &mut st {
@@ -1403,7 +1535,7 @@ mod tests {
         // A CA with less life left than the validity, even outside the renewal window: reported.
         assert!(ca_expiring(&s, Some(NOW + 200 * 86400), NOW).is_some());
         assert_eq!(ca_expiring(&s, Some(NOW + 366 * 86400), NOW), None);
-        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, Some(&msg), None, NOW);
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, &Warnings { ca_expiring: Some(&msg), ..Default::default() }, NOW);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Degraded" && *v && r == "ClusterCAExpiring"), "{conds:?}");
     }
 
@@ -1433,11 +1565,11 @@ mod tests {
         let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
         st[0].observed_at = Some(at(NOW - STALE_AFTER_SECS - 1));
         st[1].observed_at = None; // the helper stopped
-        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, &Warnings::default(), NOW);
         assert_eq!(healthy, 1);
         assert!(conds.iter().any(|(t, v, _, _)| *t == "Available" && *v));
         st[2].healthy = false;
-        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
+        let (healthy, conds) = aggregate(&masters(), &st, &Decision::Done, &Warnings::default(), NOW);
         assert_eq!(healthy, 0);
         assert!(conds.iter().any(|(t, v, r, _)| *t == "Available" && !*v && r == "NoHealthyMaster"), "{conds:?}");
     }
@@ -1457,7 +1589,7 @@ mod tests {
         let msg = renewal_blocked(&s, &st, None, NOW).expect("blocked");
         assert!(msg.starts_with("m2: certificate AA due since") && msg.contains("1032h ago"), "{msg}");
         let d = Decision::Wait { node: "m1".into(), why: "m1 is unhealthy".into() };
-        let (_, conds) = aggregate(&masters(), &st, &d, None, Some(&msg), NOW);
+        let (_, conds) = aggregate(&masters(), &st, &d, &Warnings { renewal_blocked: Some(&msg), ..Default::default() }, NOW);
         assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "RenewalBlocked" && m.contains("m2:")), "{conds:?}");
         // A certificate the CA cut short is ClusterCAExpiring's, not this.
         assert_eq!(renewal_blocked(&s, &st, Some(NOW + 30 * day), NOW), None);
@@ -1469,7 +1601,7 @@ mod tests {
         let rev = spec_revision(&s);
         let mut st: Vec<NodeStatus> = ["m1", "m2", "m3"].iter().map(|n| done(n, &rev)).collect();
         st[1].operator_pod_error = Some("kubelet has no staticPodPath".into());
-        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, None, None, NOW);
+        let (_, conds) = aggregate(&masters(), &st, &Decision::Done, &Warnings::default(), NOW);
         assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "OperatorPodNotPlaced" && m.contains("m2: kubelet")), "{conds:?}");
     }
 

@@ -390,7 +390,7 @@ pub fn sign(accepted: &Accepted, ca: &Ca, now: i64, validity_secs: i64, expirati
     dn.push(DnType::CommonName, KCM_USER);
     dn.push(DnType::OrganizationName, KCM_USER);
     params.distinguished_name = dn;
-    params.not_before = ts(now - 300)?;
+    params.not_before = ts(now - crate::identity::BACKDATE_SECS)?;
     params.not_after = ts(not_after)?;
     let mut serial = [0u8; 16];
     aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Parse { what: "serial".into(), reason: "no randomness".into() })?;
