@@ -127,6 +127,7 @@ pub async fn run(b: &Bootstrap<'_>) -> anyhow::Result<Done> {
     if journal.load()?.is_some_and(|j| j.applied.is_some()) {
         journal.remove()?;
     }
+    let hostname = crate::host::hostname();
     let node = Node {
         client: &client,
         host: b.host,
@@ -134,6 +135,7 @@ pub async fn run(b: &Bootstrap<'_>) -> anyhow::Result<Done> {
         name: b.node_name,
         issuer: Issuer::Local { id: &id, cert_pem: &cert_pem, key_pem: &key_pem },
         journal: &journal,
+        hostname: hostname.as_deref(),
     };
     let revision = Revision::apply(&kcm_operator::render::spec_revision(spec));
     let report = node.apply(spec, &revision).await.with_context(|| format!("step {revision} (rolled back)"))?;

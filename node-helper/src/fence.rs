@@ -17,7 +17,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kcm_operator::api::KCM_LEASE;
-use kcm_operator::rollout::leader_node;
+use kcm_operator::rollout::holder_is;
 
 /// How often the tracked process is checked (a stat of `/proc/<pid>/cmdline`).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -35,14 +35,15 @@ pub struct Fence {
 
 impl Fence {
     /// A periodic look: the host's kcm processes and the Lease's holder.
-    pub fn observe(&mut self, node: &str, pids: &[u32], lease_holder: Option<&str>) {
+    /// `node` and `hostname`: this master's names (kcm's Lease names it by its hostname).
+    pub fn observe(&mut self, node: &str, hostname: Option<&str>, pids: &[u32], lease_holder: Option<&str>) {
         match pids {
             [pid] => {
                 if self.pid != Some(*pid) {
                     *self = Fence { pid: Some(*pid), holder: None };
                 }
                 // Only a process running alone can be the holder that names this host.
-                match lease_holder.filter(|h| leader_node(Some(h)).as_deref() == Some(node)) {
+                match lease_holder.filter(|h| holder_is(Some(h), node, hostname)) {
                     Some(h) => self.holder = Some(h.to_string()),
                     None => self.holder = None,
                 }
@@ -100,7 +101,7 @@ pub async fn release(api: &kube::Api<Lease>, mut lease: Lease, holder: &str) -> 
 }
 
 /// Follows this host's kcm and releases its Lease when it exits unplanned. Runs forever.
-pub async fn run(client: kube::Client, host_root: PathBuf, node: String) {
+pub async fn run(client: kube::Client, host_root: PathBuf, node: String, hostname: Option<String>) {
     let api: kube::Api<Lease> = kube::Api::namespaced(client, KCM_LEASE.0);
     let proc_root = host_root.join("proc");
     let mut fence = Fence::default();
@@ -145,7 +146,7 @@ pub async fn run(client: kube::Client, host_root: PathBuf, node: String) {
         } else {
             None
         };
-        fence.observe(&node, &pids, holder.as_deref());
+        fence.observe(&node, hostname.as_deref(), &pids, holder.as_deref());
     }
 }
 
@@ -157,7 +158,7 @@ mod tests {
 
     fn leading() -> Fence {
         let mut f = Fence::default();
-        f.observe("m1", &[42], Some(HOLDER));
+        f.observe("m1", None, &[42], Some(HOLDER));
         f
     }
 
@@ -165,14 +166,25 @@ mod tests {
     fn records_the_exact_identity_of_the_only_kcm_while_it_leads() {
         assert_eq!(leading(), Fence { pid: Some(42), holder: Some(HOLDER.into()) });
         let mut f = Fence::default();
-        f.observe("m1", &[42], Some("m2_aaaa"));
+        f.observe("m1", None, &[42], Some("m2_aaaa"));
         assert_eq!(f, Fence { pid: Some(42), holder: None }, "another master leads");
         let mut f = leading();
-        f.observe("m1", &[42, 43], Some(HOLDER));
+        f.observe("m1", None, &[42, 43], Some(HOLDER));
         assert_eq!(f, Fence::default(), "two kcm on the host: nothing attributable");
         let mut f = leading();
-        f.observe("m1", &[77], Some(HOLDER));
+        f.observe("m1", None, &[77], Some(HOLDER));
         assert_eq!(f, Fence { pid: Some(77), holder: Some(HOLDER.into()) }, "a new process starts a new record");
+    }
+
+    #[test]
+    fn a_master_whose_hostname_is_not_its_node_name_is_followed_by_its_hostname() {
+        let holder = "M1.example.com_0f6c1a2e";
+        let mut f = Fence::default();
+        f.observe("m1", Some("m1.example.com"), &[42], Some(holder));
+        assert_eq!(f, Fence { pid: Some(42), holder: Some(holder.into()) }, "kcm names itself by the hostname, in any case");
+        let mut f = Fence::default();
+        f.observe("m1", None, &[42], Some(holder));
+        assert_eq!(f.holder, None, "without the hostname nothing is attributed");
     }
 
     #[test]
@@ -198,7 +210,7 @@ mod tests {
     #[test]
     fn a_follower_that_exits_releases_nothing() {
         let mut f = Fence::default();
-        f.observe("m1", &[42], Some("m2_aaaa"));
+        f.observe("m1", None, &[42], Some("m2_aaaa"));
         assert!(release_decision(&f, &[], Some("m2_aaaa")).is_err());
     }
 

@@ -36,6 +36,12 @@ pub struct HostPath {
     pub local: PathBuf,
 }
 
+/// This host's kernel hostname (the helper shares the host's UTS namespace: hostNetwork),
+/// which kcm's Lease identity begins with; `None` when unreadable.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
+}
+
 /// The host filesystem, mounted at `root` (`/host` in the DaemonSet, `/` in tests).
 #[derive(Clone, Debug)]
 pub struct HostFs {

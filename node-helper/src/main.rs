@@ -245,7 +245,8 @@ async fn main() -> anyhow::Result<()> {
             readiness.standing_by(false);
             tracing::info!(node = %node.node_name, "node-helper running (host lock taken)");
             // kcm's Lease is released for a follower when this host's kcm exits unplanned.
-            tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone()));
+            let hostname = node_helper::host::hostname();
+            tokio::spawn(node_helper::fence::run(client.clone(), node.host_root.clone(), node.node_name.clone(), hostname.clone()));
             tokio::select! {
                 r = synced_rx.wait_for(|synced| *synced) => {
                     r.context("the watches of the CR, the KcmNode and the Node ended before their first sync")?;
@@ -255,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
             let mut helper = Helper {
                 client,
                 host,
+                hostname,
                 node_name: node.node_name,
                 journal: node.journal,
                 csr_wait: Duration::from_secs(csr_wait),
@@ -327,6 +329,8 @@ struct Helper {
     stores: Stores,
     client: kube::Client,
     host: HostFs,
+    /// This master's kernel hostname (kcm's Lease identity begins with it).
+    hostname: Option<String>,
     node_name: String,
     /// Host path of the step journal.
     journal: String,
@@ -368,7 +372,15 @@ impl Helper {
         let systemd = HostSystemd::for_unit_file(&spec.paths.unit);
         let (client, host) = (&self.client, &self.host);
         let journal = node_helper::journal::JournalFile::new(host, &self.journal)?;
-        let step = Node { client, host, systemd: &systemd, name: node_name, issuer: install::Issuer::Signer { wait: self.csr_wait }, journal: &journal };
+        let step = Node {
+            client,
+            host,
+            systemd: &systemd,
+            name: node_name,
+            issuer: install::Issuer::Signer { wait: self.csr_wait },
+            journal: &journal,
+            hostname: self.hostname.as_deref(),
+        };
         // A step starts from what the API says now, not from the watch's view: a helper that
         // just took the host lock from another (a rescue helper) may not have seen that one's
         // report yet, and must not do its finished step again. One GET per step.
@@ -427,6 +439,7 @@ impl Helper {
                 Report { unit_active, healthy, ..keep }
             }
         };
+        report.hostname = self.hostname.clone();
         // A report from before notBefore was reported (a helper upgraded since its last step):
         // read from the installed certificate, so a renew-now request can be judged.
         if report.not_before.is_none() {

@@ -73,6 +73,8 @@ pub struct Node<'a> {
     /// `bootstrap` issued (which also gives the master's addresses).
     pub issuer: install::Issuer<'a>,
     pub journal: &'a JournalFile<'a>,
+    /// This master's kernel hostname: kcm's Lease identity begins with it.
+    pub hostname: Option<&'a str>,
 }
 
 impl Node<'_> {
@@ -294,7 +296,7 @@ impl Node<'_> {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             let holder = api.get(KCM_LEASE.1).await.ok().and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
-            if let Some(h) = holder.filter(|h| kcm_operator::rollout::leader_node(Some(h)).as_deref() != Some(self.name)) {
+            if let Some(h) = holder.filter(|h| !kcm_operator::rollout::holder_is(Some(h), self.name, self.hostname)) {
                 return Some(h);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -305,7 +307,7 @@ impl Node<'_> {
     async fn holds_kcm_lease(&self) -> bool {
         let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
         let holder = api.get(KCM_LEASE.1).await.ok().and_then(|l| l.spec).and_then(|s| s.holder_identity);
-        kcm_operator::rollout::leader_node(holder.as_deref()).as_deref() == Some(self.name)
+        kcm_operator::rollout::holder_is(holder.as_deref(), self.name, self.hostname)
     }
 
     /// Empties kcm's Lease if this master still holds it (resourceVersion-guarded), once
@@ -314,7 +316,7 @@ impl Node<'_> {
         let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.client.clone(), KCM_LEASE.0);
         let lease = api.get(KCM_LEASE.1).await?;
         let Some(holder) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) else { return Ok(false) };
-        if kcm_operator::rollout::leader_node(Some(&holder)).as_deref() != Some(self.name) {
+        if !kcm_operator::rollout::holder_is(Some(&holder), self.name, self.hostname) {
             return Ok(false);
         }
         crate::fence::release(&api, lease, &holder).await

@@ -677,6 +677,10 @@ pub struct KcmNodeStatus {
     /// backdates it for clock skew); what a renew-now request is compared with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
+    /// The master's kernel hostname, which kcm's Lease identity begins with (it may differ
+    /// from the Node name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// kube-controller-manager version found on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kcm_version: Option<String>,

@@ -534,7 +534,24 @@ pub fn lease_expiry(l: &k8s_openapi::api::coordination::v1::LeaseSpec) -> Option
     Some(renewed + i64::from(l.lease_duration_seconds.unwrap_or(15)))
 }
 
-/// Holder of kcm's Lease, as a node name (`<hostname>_<uuid>` → hostname).
+/// Whether kcm's Lease `holder` (`<hostname>_<uuid>`) is the kcm of master `node`, whose
+/// kernel hostname is `hostname` (as its helper reports it): kcm names itself by its
+/// hostname, which may differ from the Node name (`--hostname-override`, an FQDN, upper case).
+pub fn holder_is(holder: Option<&str>, node: &str, hostname: Option<&str>) -> bool {
+    leader_node(holder).is_some_and(|h| h == node || hostname.is_some_and(|x| x.eq_ignore_ascii_case(&h)))
+}
+
+/// The master kcm's Lease holder host `h` is: the one of that name, or the one whose helper
+/// reports that hostname; `h` itself when none does.
+pub fn master_of(h: &str, nodes: &[NodeStatus]) -> String {
+    nodes
+        .iter()
+        .find(|n| n.name == h)
+        .or_else(|| nodes.iter().find(|n| n.hostname.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(h))))
+        .map_or_else(|| h.to_string(), |n| n.name.clone())
+}
+
+/// Holder of kcm's Lease, as a host name (`<hostname>_<uuid>` → hostname).
 pub fn leader_node(holder: Option<&str>) -> Option<String> {
     let h = holder?.trim();
     let node = h.split_once('_').map_or(h, |(n, _)| n);
@@ -799,7 +816,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         let mut receipts = ctx.receipts.lock().unwrap_or_else(|p| p.into_inner());
         on_observer_clock(&mut receipts, &mut entries, lease.as_ref().and_then(|l| l.spec.as_ref()), now.as_second())
     };
-    let leader = live_leader(lease_spec.as_ref(), now.as_second());
+    let leader = live_leader(lease_spec.as_ref(), now.as_second()).map(|h| master_of(&h, &entries));
     let status = kcm.status.clone().unwrap_or_default();
     let ca_not_after = ca.as_ref().map(|(_, t)| *t);
     let facts = Facts { masters: &masters, status: &entries, leader: leader.as_deref(), ca_not_after, now: now.as_second() };
@@ -1714,6 +1731,17 @@ mod tests {
 
     #[test]
     fn leader_from_lease_holder() {
+        // kcm names itself by its hostname; a master whose hostname is not its Node name is
+        // found through the hostname its helper reports (any case).
+        let mut st = vec![done("m1", "r"), done("m2", "r")];
+        st[1].report.hostname = Some("Master2.example.com".into());
+        assert_eq!(master_of("master2.example.com", &st), "m2");
+        assert_eq!(master_of("m1", &st), "m1");
+        assert_eq!(master_of("elsewhere", &st), "elsewhere", "no master of that name: the name itself");
+        assert!(holder_is(Some("MASTER2.example.com_4f1c"), "m2", Some("master2.example.com")));
+        assert!(holder_is(Some("m2_4f1c"), "m2", Some("master2.example.com")), "the Node name still counts");
+        assert!(!holder_is(Some("m1_4f1c"), "m2", Some("master2.example.com")));
+        assert!(!holder_is(None, "m2", None));
         assert_eq!(leader_node(Some("kcm-control-plane2_4f1c-88")), Some("kcm-control-plane2".into()));
         assert_eq!(leader_node(Some("m1")), Some("m1".into()));
         assert_eq!(leader_node(Some("")), None);
