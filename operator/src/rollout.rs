@@ -491,6 +491,15 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     Decision::Go { node: next.name.clone(), revision, why }
 }
 
+/// The KcmNodes (`ours`) whose Node no longer exists (`nodes`: every Node's name). No Node
+/// at all is a view that cannot be true (this operator runs on one): none then.
+pub fn gone_masters(ours: &[String], nodes: &[String]) -> Vec<String> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    ours.iter().filter(|k| !nodes.contains(k)).cloned().collect()
+}
+
 /// Each report's `observedAt` and kcm's Lease's `renewTime` as received on this operator's
 /// clock ([`crate::receipt`]): what freshness and the leader's liveness are judged by, so a
 /// master whose clock is off by 15-30 s is neither stale nor leaderless. A stamp first seen
@@ -892,6 +901,23 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
         aggregate_entries.push(entry);
     }
 
+    // A master whose Node was deleted: its KcmNode goes with it (READY and the rollout count
+    // only the masters that exist; nothing waits on it). A Node still there but no longer
+    // selected keeps its KcmNode: its kcm may still run there.
+    let node_names: Vec<String> = ctx.stores.nodes.state().iter().map(|n| n.name_any()).collect();
+    let ours: Vec<String> = kcm_nodes.values().filter(|n| is_ours(n)).map(|n| n.name_any()).collect();
+    for name in gone_masters(&ours, &node_names) {
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions { uid: kcm_nodes.get(&name).and_then(|n| n.uid()), resource_version: None }),
+            ..Default::default()
+        };
+        match kcm_nodes_api.delete(&name, &dp).await {
+            Ok(_) => publish(ctx, &kcm, None, EventType::Normal, "MasterRemoved", &format!("Node {name} is gone: its KcmNode was deleted")).await,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("deleting the KcmNode of the deleted Node {name}"))(e).into()),
+        }
+    }
+
     if let Decision::Go { node, revision, .. } = &decision {
         ctx.steps.lock().unwrap_or_else(|p| p.into_inner()).given(node, revision, Instant::now());
     }
@@ -1090,6 +1116,14 @@ mod tests {
         st[0].report.operator_pod_error = None;
         let (_, conds) = aggregate(&["m1".to_string()], &st, &Decision::Done, &Warnings { bad_renew_requests: &bad, ..Default::default() }, NOW);
         assert!(conds.iter().any(|(t, v, r, m)| *t == "Degraded" && *v && r == "RenewRequestInvalid" && m.contains("yesterday")), "{conds:?}");
+    }
+
+    #[test]
+    fn only_the_kcm_nodes_of_deleted_nodes_are_gone() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(gone_masters(&names(&["m1", "m2", "m4"]), &names(&["m1", "m2", "m3", "w1"])), names(&["m4"]));
+        assert!(gone_masters(&names(&["m1"]), &names(&["m1"])).is_empty());
+        assert!(gone_masters(&names(&["m1"]), &[]).is_empty(), "no Node at all is never believed");
     }
 
     #[test]
