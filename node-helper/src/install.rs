@@ -40,6 +40,10 @@ pub enum InstallError {
     Failed { name: String, message: String },
     #[error("CSR {name}: no certificate within {secs}s (is the operator running?)")]
     Timeout { name: String, secs: u64 },
+    #[error("adopting the kcm of {manifest} would drop flags it runs with: {}; add them to kcm.extraArgs (name without --: value), or list their names in kcm.removedArgs to drop them; nothing was changed", flags.join(" "))]
+    AdoptionDrops { manifest: String, flags: Vec<String> },
+    #[error("{manifest}: {reason}")]
+    StaticPod { manifest: String, reason: String },
     #[error("pre-flight of the new certificate {serial} failed, nothing written: {reason}")]
     Preflight { serial: String, reason: String },
 }
@@ -259,6 +263,19 @@ pub async fn prepare_for(host: &HostFs, spec: &KubeControllerManagerSpec, id: No
     CertInfo::from_pem(ca_pem.as_bytes(), "CA certificate")?;
     let kcm = KcmBinary::probe(host, &spec.kcm.binary_path).await?;
     let files = render::node_files(spec, id.primary_ip(), kcm.version, Some(&kcm.accepted))?;
+    // kubeadm's kcm, about to be adopted: nothing it runs with is dropped unasked.
+    if !spec.paths.static_pod_manifest.is_empty() {
+        let manifest = host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
+        if let Some(body) = host.read_optional(&manifest)? {
+            let name = spec.paths.static_pod_manifest.clone();
+            let theirs =
+                render::static_pod_flags(&String::from_utf8_lossy(&body)).map_err(|reason| InstallError::StaticPod { manifest: name.clone(), reason })?;
+            let drops = render::adoption_drops(&theirs, &render::seed_flags(spec, id.primary_ip()), &files.flags.flags, &spec.kcm.removed_args);
+            if !drops.is_empty() {
+                return Err(InstallError::AdoptionDrops { manifest: name, flags: drops });
+            }
+        }
+    }
     Ok(Prepared { paths, ca_pem, kcm, id, files })
 }
 

@@ -199,7 +199,8 @@ pub struct KcmSpec {
         "x-kubernetes-validations" = [{"rule": "self.all(k, k.matches('^[a-z0-9][a-z0-9-]*$'))", "message": "kcm.extraArgs: flag names are lowercase words with dashes, without leading -- (and without control characters)"}],
     ))]
     pub extra_args: BTreeMap<String, String>,
-    /// Flags of the seed's set to leave out (name without `--`).
+    /// Flags to leave out (name without `--`): of the seed's set, and of those kubeadm's kcm
+    /// manifest runs with, which adoption otherwise refuses to drop.
     #[serde(default)]
     #[schemars(length(max = MAX_ARGS), extend("items" = {"type": "string", "maxLength": MAX_TEXT, "x-kubernetes-validations": [no_control_rule("kcm.removedArgs entries")]}))]
     pub removed_args: Vec<String>,

@@ -74,6 +74,39 @@ pub fn seed_flags(spec: &KubeControllerManagerSpec, node_ip: IpAddr) -> Vec<Flag
     flags
 }
 
+/// The flags of a kcm static pod manifest (kubeadm's): every `--name[=value]` of its first
+/// container's command and args.
+pub fn static_pod_flags(manifest: &str) -> Result<Vec<(String, Option<String>)>, String> {
+    let pod: serde_yaml::Value = serde_yaml::from_str(manifest).map_err(|e| format!("not YAML: {e}"))?;
+    let c = &pod["spec"]["containers"][0];
+    let words = [&c["command"], &c["args"]].into_iter().filter_map(|v| v.as_sequence()).flatten().filter_map(|w| w.as_str());
+    Ok(words
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| match w.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (w.to_string(), None),
+        })
+        .collect())
+}
+
+/// What adopting a kcm that runs with `theirs` (kubeadm's manifest) would silently drop: each
+/// of its flags that neither the seed's set for the spec (`seed`, before `removedArgs`) nor
+/// the unit (`rendered`) names, and that `kcm.removedArgs` does not list, as `--name=value`
+/// (what to put in `kcm.extraArgs`). kubeadm's `--allocate-node-cidrs` and `--cluster-cidr`,
+/// say: without them new Nodes get no podCIDR. Flags whose job the unit does under another
+/// value (`--kubeconfig`, `--bind-address`, ...) are named by both and not listed.
+pub fn adoption_drops(theirs: &[(String, Option<String>)], seed: &[Flag], rendered: &[Flag], removed: &[String]) -> Vec<String> {
+    let named = |n: &str| seed.iter().chain(rendered).any(|f| f.name == n) || removed.iter().any(|r| r == n);
+    theirs
+        .iter()
+        .filter(|(n, _)| !named(n))
+        .map(|(n, v)| match v {
+            Some(v) => format!("--{n}={v}"),
+            None => format!("--{n}"),
+        })
+        .collect()
+}
+
 /// The spec's free-text fields that reach the master (paths, the kcm binary and working
 /// directory, flag values, the kubeconfig), by their name in the spec.
 pub fn spec_text(spec: &KubeControllerManagerSpec) -> Vec<(String, &str)> {
@@ -268,6 +301,30 @@ pub fn embeds_client_cert(spec: &KubeControllerManagerSpec) -> bool {
 mod tests {
     use super::*;
     use crate::api::{CertificateSpec, HostPaths, KcmSpec};
+
+    /// kind's kubeadm (v1.35) kcm manifest, as it stands on a kind node.
+    const KIND_KUBEADM_KCM: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kube-controller-manager\nspec:\n  containers:\n  - command:\n    - kube-controller-manager\n    - --allocate-node-cidrs=true\n    - --authentication-kubeconfig=/etc/kubernetes/controller-manager.conf\n    - --authorization-kubeconfig=/etc/kubernetes/controller-manager.conf\n    - --bind-address=127.0.0.1\n    - --client-ca-file=/etc/kubernetes/pki/ca.crt\n    - --cluster-cidr=10.244.0.0/16\n    - --cluster-name=kcm\n    - --cluster-signing-cert-file=/etc/kubernetes/pki/ca.crt\n    - --cluster-signing-key-file=/etc/kubernetes/pki/ca.key\n    - --controllers=*,bootstrapsigner,tokencleaner\n    - --kubeconfig=/etc/kubernetes/controller-manager.conf\n    - --leader-elect=true\n    - --requestheader-client-ca-file=/etc/kubernetes/pki/front-proxy-ca.crt\n    - --root-ca-file=/etc/kubernetes/pki/ca.crt\n    - --service-account-private-key-file=/etc/kubernetes/pki/sa.key\n    - --service-cluster-ip-range=10.96.0.0/16\n    - --use-service-account-credentials=true\n    - --enable-hostpath-provisioner=true\n    image: registry.k8s.io/kube-controller-manager:v1.35.4\n    name: kube-controller-manager\n";
+
+    #[test]
+    fn adopting_kubeadm_names_every_flag_the_unit_would_drop() {
+        let ip: IpAddr = "172.18.0.3".parse().unwrap();
+        let theirs = static_pod_flags(KIND_KUBEADM_KCM).unwrap();
+        assert_eq!(theirs.len(), 18);
+        let mut spec = seed_spec();
+        let drops = |spec: &KubeControllerManagerSpec| adoption_drops(&theirs, &seed_flags(spec, ip), &seed_flags(spec, ip), &spec.kcm.removed_args);
+        assert_eq!(drops(&spec), ["--allocate-node-cidrs=true", "--cluster-cidr=10.244.0.0/16", "--enable-hostpath-provisioner=true"]);
+        // Carried in extraArgs (manifests/kind does), or dropped on purpose in removedArgs.
+        spec.kcm.extra_args.insert("allocate-node-cidrs".into(), "true".into());
+        spec.kcm.extra_args.insert("cluster-cidr".into(), "10.244.0.0/16".into());
+        spec.kcm.removed_args.push("enable-hostpath-provisioner".into());
+        assert!(drops(&spec).is_empty(), "{:?}", drops(&spec));
+        // The repo's kind CR carries them.
+        let kind: crate::api::KubeControllerManager =
+            serde_yaml::from_str(include_str!("../../manifests/kind/kubecontrollermanager.yaml")).expect("manifests/kind's CR");
+        assert!(drops(&kind.spec).is_empty(), "manifests/kind would drop {:?}", drops(&kind.spec));
+        assert!(static_pod_flags("{").is_err());
+        assert!(static_pod_flags("kind: Pod").unwrap().is_empty());
+    }
 
     fn seed_spec() -> KubeControllerManagerSpec {
         KubeControllerManagerSpec {
