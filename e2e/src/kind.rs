@@ -288,6 +288,26 @@ pub async fn deployment_gets_pods(c: &kube::Client, ns: &str, within: std::time:
     }
 }
 
+/// The logs of the helper pods on `node` (the DaemonSet's, its previous container too, and a
+/// rescue pod's while it exists), last lines each: for failure messages.
+pub async fn helper_logs(c: &kube::Client, node: &str) -> String {
+    let mut out = String::new();
+    for app in [kcm_operator::api::HELPER_APP, kcm_operator::api::RESCUE_APP] {
+        for p in pods_with_app(c, app).await.into_iter().filter(|p| pod_node(p).as_deref() == Some(node)) {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            for prev in [true, false] {
+                let mut args = vec!["-n", kcm_operator::api::NAMESPACE, "logs", name.as_str(), "--tail", "80", "--timestamps"];
+                if prev {
+                    args.push("--previous");
+                }
+                let (_, log) = kubectl(&args);
+                out.push_str(&format!("--- {name}{}:\n{log}\n", if prev { " (previous container)" } else { "" }));
+            }
+        }
+    }
+    out
+}
+
 /// Pods in the operator's namespace with `app.kubernetes.io/name=<app>`.
 pub async fn pods_with_app(c: &kube::Client, app: &str) -> Vec<Pod> {
     Api::<Pod>::namespaced(c.clone(), kcm_operator::api::NAMESPACE)

@@ -17,8 +17,10 @@ use kube::ResourceExt;
 
 use crate::api::{HELPER_APP, HELPER_DAEMONSET, HELPER_METRICS_ADDR_ENV, NAMESPACE, RESCUE_APP};
 
-/// A DaemonSet pod younger than this (seconds) is given time to become Ready before a
-/// rescue pod is made for its master.
+/// A DaemonSet pod created, or whose helper container (re)started or exited, less than this
+/// many seconds ago is given time to become Ready before a rescue pod is made for its
+/// master: a helper container the kubelet is restarting (killed, OOM) is not a master
+/// without a helper, and a rescue pod then would race it for the host lock.
 pub const DAEMONSET_POD_GRACE_SECS: i64 = 60;
 /// The ConfigMap kcm's root-ca publisher makes in every namespace; the projected
 /// ServiceAccount volume of every pod needs it. With no kcm, the operator makes it.
@@ -34,7 +36,8 @@ pub struct HelperPod {
     pub ready: bool,
     /// Being deleted, or finished (Succeeded/Failed): it will not act again.
     pub gone: bool,
-    pub age_secs: i64,
+    /// Seconds since the pod was created or its container last started or exited.
+    pub since_secs: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +60,7 @@ pub fn plan(masters: &[String], pods: &[HelperPod]) -> Vec<RescueAction> {
     for m in masters {
         let on = |rescue: bool| pods.iter().filter(move |p| &p.node == m && p.rescue == rescue);
         let ds_ready = on(false).any(|p| p.ready && !p.gone);
-        let ds_starting = on(false).any(|p| !p.ready && !p.gone && p.age_secs < DAEMONSET_POD_GRACE_SECS);
+        let ds_starting = on(false).any(|p| !p.ready && !p.gone && p.since_secs < DAEMONSET_POD_GRACE_SECS);
         let mut rescue_live = false;
         for r in on(true) {
             if r.gone {
@@ -134,7 +137,21 @@ fn helper_pod(p: &Pod, now: i64) -> Option<HelperPod> {
     let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
     let finished = matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed"));
     let created = p.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0.as_second());
-    Some(HelperPod { name: p.name_any(), node, rescue, ready, gone: finished || p.metadata.deletion_timestamp.is_some(), age_secs: now - created })
+    // The latest start or exit of a container: a restart gives the pod its grace again.
+    let moved = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .flat_map(|c| {
+            let running = c.state.as_ref().and_then(|s| s.running.as_ref()).and_then(|r| r.started_at.as_ref());
+            let exited =
+                [c.state.as_ref(), c.last_state.as_ref()].into_iter().flatten().filter_map(|s| s.terminated.as_ref()).filter_map(|t| t.finished_at.as_ref());
+            running.into_iter().chain(exited).map(|t| t.0.as_second())
+        })
+        .max()
+        .unwrap_or(created)
+        .max(created);
+    Some(HelperPod { name: p.name_any(), node, rescue, ready, gone: finished || p.metadata.deletion_timestamp.is_some(), since_secs: now - moved })
 }
 
 /// One round over the watched helper pods and DaemonSet: creates or deletes rescue pods per
@@ -210,7 +227,7 @@ mod tests {
         vec!["m1".into(), "m2".into(), "m3".into()]
     }
     fn pod(name: &str, node: &str, rescue: bool, ready: bool, age: i64) -> HelperPod {
-        HelperPod { name: name.into(), node: node.into(), rescue, ready, gone: false, age_secs: age }
+        HelperPod { name: name.into(), node: node.into(), rescue, ready, gone: false, since_secs: age }
     }
 
     #[test]
@@ -223,6 +240,35 @@ mod tests {
     fn a_starting_daemonset_pod_is_given_time() {
         let pods = vec![pod("ds-1", "m1", false, true, 600), pod("ds-2", "m2", false, false, 5), pod("ds-3", "m3", false, false, 600)];
         assert_eq!(plan(&masters(), &pods), vec![RescueAction::Create { node: "m3".into() }]);
+    }
+
+    #[test]
+    fn a_helper_container_the_kubelet_restarts_is_given_time_too() {
+        let p = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "ds-x", "labels": {"app.kubernetes.io/name": HELPER_APP}, "creationTimestamp": "2027-01-15T08:00:00Z"},
+                "spec": {"nodeName": "m2", "containers": []},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let now = 1_800_000_000 + 3600; // an hour after creation
+                                        // Killed 5 s ago, restarted 3 s ago, not Ready yet: starting, no rescue pod.
+        let restarted =
+            p(serde_json::json!({"phase": "Running", "containerStatuses": [{"name": "h", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+            "state": {"running": {"startedAt": "2027-01-15T08:59:57Z"}},
+            "lastState": {"terminated": {"exitCode": 137, "finishedAt": "2027-01-15T08:59:55Z"}}}]}));
+        let h = helper_pod(&restarted, now).unwrap();
+        assert_eq!(h.since_secs, 3);
+        assert!(plan(&["m2".into()], &[h]).is_empty(), "a restarting helper container gets its grace");
+        // In back-off since its last exit 2 minutes ago: a rescue pod.
+        let looping =
+            p(serde_json::json!({"phase": "Running", "containerStatuses": [{"name": "h", "image": "i", "imageID": "", "ready": false, "restartCount": 5,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "finishedAt": "2027-01-15T08:58:00Z"}}}]}));
+        let h = helper_pod(&looping, now).unwrap();
+        assert_eq!(h.since_secs, 120);
+        assert_eq!(plan(&["m2".into()], &[h]), vec![RescueAction::Create { node: "m2".into() }]);
     }
 
     #[test]
