@@ -15,7 +15,8 @@
 
 use std::collections::BTreeMap;
 
-/// The last value seen of each stamp, and when it was received (unix seconds, observer's clock).
+/// The last value seen of each stamp, and when it was received (the observer's clock, in the
+/// caller's unit: seconds or milliseconds).
 #[derive(Clone, Debug, Default)]
 pub struct Receipts {
     seen: BTreeMap<String, (String, i64)>,

@@ -503,25 +503,27 @@ pub fn gone_masters(ours: &[String], nodes: &[String]) -> Vec<String> {
 /// Each report's `observedAt` and kcm's Lease's `renewTime` as received on this operator's
 /// clock ([`crate::receipt`]): what freshness and the leader's liveness are judged by, so a
 /// master whose clock is off by 15-30 s is neither stale nor leaderless. A stamp first seen
-/// counts from the earlier of itself and now. Returns the Lease as received.
+/// counts from the earlier of itself and now. Returns the Lease as received. `now_ms`: unix
+/// milliseconds (a receipt is as precise as the stamp it stands for).
 pub fn on_observer_clock(
     receipts: &mut Receipts,
     entries: &mut [NodeStatus],
     lease: Option<&k8s_openapi::api::coordination::v1::LeaseSpec>,
-    now: i64,
+    now_ms: i64,
 ) -> Option<k8s_openapi::api::coordination::v1::LeaseSpec> {
+    use k8s_openapi::jiff::Timestamp;
     for n in entries.iter_mut() {
         let Some(stamp) = n.report.observed_at.clone() else { continue };
-        let Some(t) = parse_time(&stamp) else { continue };
-        let got = receipts.received(&format!("report/{}", n.name), &stamp, t.min(now), now);
-        n.report.observed_at = Some(crate::pki::rfc3339(got));
+        let Ok(t) = stamp.parse::<Timestamp>() else { continue };
+        let got = receipts.received(&format!("report/{}", n.name), &stamp, t.as_millisecond().min(now_ms), now_ms);
+        n.report.observed_at = Timestamp::from_millisecond(got).ok().map(|t| t.to_string());
     }
     let lease = lease.map(|l| {
         let mut l = l.clone();
         if let Some(renewed) = l.renew_time.as_ref().or(l.acquire_time.as_ref()).map(|t| t.0) {
             let value = format!("{}/{renewed}", l.holder_identity.as_deref().unwrap_or(""));
-            let got = receipts.received("lease", &value, renewed.as_second().min(now), now);
-            l.renew_time = k8s_openapi::jiff::Timestamp::from_second(got).ok().map(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime);
+            let got = receipts.received("lease", &value, renewed.as_millisecond().min(now_ms), now_ms);
+            l.renew_time = Timestamp::from_millisecond(got).ok().map(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime);
         }
         l
     });
@@ -823,7 +825,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     }
     let lease_spec = {
         let mut receipts = ctx.receipts.lock().unwrap_or_else(|p| p.into_inner());
-        on_observer_clock(&mut receipts, &mut entries, lease.as_ref().and_then(|l| l.spec.as_ref()), now.as_second())
+        on_observer_clock(&mut receipts, &mut entries, lease.as_ref().and_then(|l| l.spec.as_ref()), now.as_millisecond())
     };
     let leader = live_leader(lease_spec.as_ref(), now.as_second()).map(|h| master_of(&h, &entries));
     let status = kcm.status.clone().unwrap_or_default();
@@ -1677,7 +1679,7 @@ mod tests {
                 for n in st.iter_mut() {
                     n.report.observed_at = Some(at(now - 2 + if n.name == "m2" { skew } else { 0 }));
                 }
-                let l = on_observer_clock(&mut r, &mut st, Some(&lease(now - 1 + skew)), now);
+                let l = on_observer_clock(&mut r, &mut st, Some(&lease(now - 1 + skew)), now * 1000);
                 let fresh_all = st.iter().all(|n| fresh(n, now));
                 let leader = live_leader(l.as_ref(), now);
                 let facts = Facts { masters: &masters(), status: &st, leader: leader.as_deref(), ca_not_after: None, now };
@@ -1697,15 +1699,15 @@ mod tests {
         let mut r = Receipts::default();
         let mut st = vec![done("m1", &rev)];
         st[0].report.observed_at = Some(at(NOW + 25));
-        on_observer_clock(&mut r, &mut st, None, NOW);
+        on_observer_clock(&mut r, &mut st, None, NOW * 1000);
         let mut later = vec![done("m1", &rev)];
         later[0].report.observed_at = Some(at(NOW + 25));
-        on_observer_clock(&mut r, &mut later, None, NOW + STALE_AFTER_SECS + 1);
+        on_observer_clock(&mut r, &mut later, None, (NOW + STALE_AFTER_SECS + 1) * 1000);
         assert!(!fresh(&later[0], NOW + STALE_AFTER_SECS + 1), "a helper ahead by 25 s that stopped is stale on time");
         // A report from an hour ago first seen (an operator just started) stays stale.
         let mut old = vec![done("m1", &rev)];
         old[0].report.observed_at = Some(at(NOW - 3600));
-        on_observer_clock(&mut Receipts::default(), &mut old, None, NOW);
+        on_observer_clock(&mut Receipts::default(), &mut old, None, NOW * 1000);
         assert!(!fresh(&old[0], NOW), "an old report is not made fresh by a restart");
     }
 
