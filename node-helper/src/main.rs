@@ -405,8 +405,14 @@ impl Helper {
             Err(e) => return Err(e.into()),
         };
         let pending = pending.filter(|_| !journal_bad);
-        // What is reported stays as it was unless this look changes it.
-        let keep = Report { observed_at: None, drift: Vec::new(), operator_pod_error: None, ..me.clone() };
+        // What is reported stays as it was unless this look changes it: as the API said at this
+        // look's GET, or as this helper last sent it, and only then as the watch has it. The
+        // watch may not have seen the report of the step this helper just applied: keeping
+        // the watch's older status (its applied revision and file hashes) would send it back,
+        // undoing that report, and the step would be applied a second time (kind_crash: kcm
+        // restarted twice for one repair).
+        let base = report_base(confirmed.as_ref(), self.last.as_ref().map(|(_, r)| r), &me);
+        let keep = Report { observed_at: None, drift: Vec::new(), operator_pod_error: None, ..base };
         let this_node = self.stores.node.get(&ObjectRef::new(node_name));
         let mut report = match pending {
             Some(target) => {
@@ -537,6 +543,17 @@ impl Helper {
     }
 }
 
+/// The status a look starts from: the API's at this look's GET, else what this helper last
+/// sent (it is the only writer of its master's status while it holds the host lock), else
+/// the watch's, which may lag behind both.
+fn report_base(confirmed: Option<&KcmNode>, last: Option<&Report>, watched: &Report) -> Report {
+    match (confirmed, last) {
+        (Some(n), _) => n.status.clone().unwrap_or_default(),
+        (None, Some(last)) => last.clone(),
+        (None, None) => watched.clone(),
+    }
+}
+
 /// A host file's bytes (`None` when missing or outside the allowed paths).
 fn read_host(host: &HostFs, path: &str) -> Option<Vec<u8>> {
     host.resolve("file", path).ok().and_then(|hp| host.read_optional(&hp).ok().flatten())
@@ -569,6 +586,17 @@ async fn observe(host: &HostFs, step: &Node<'_>, spec: &kcm_operator::api::KubeC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_look_starts_from_the_report_just_sent_not_the_watchs_older_one() {
+        let watched = Report { applied_revision: Some("r/repair-1".into()), ..Default::default() };
+        let sent = Report { applied_revision: Some("r/repair-2".into()), ..Default::default() };
+        assert_eq!(report_base(None, Some(&sent), &watched).applied_revision.as_deref(), Some("r/repair-2"), "the watch lags behind what was sent");
+        let mut api = KcmNode::new("m1", Default::default());
+        api.status = Some(Report { applied_revision: Some("r/repair-3".into()), ..Default::default() });
+        assert_eq!(report_base(Some(&api), Some(&sent), &watched).applied_revision.as_deref(), Some("r/repair-3"), "this look's GET is the freshest");
+        assert_eq!(report_base(None, None, &watched).applied_revision.as_deref(), Some("r/repair-1"), "a helper that sent nothing yet");
+    }
 
     #[test]
     fn metrics_addr_defaults_to_the_helper_port_and_can_be_off() {
