@@ -39,10 +39,12 @@ async fn rolled_out(c: &kube::Client, masters: &[String], within: Duration, what
     let ok = poll(what, within, || async {
         let (k, s) = status(c).await;
         let rev = spec_revision(&k.spec);
+        // The operator has seen this spec (its conditions are this spec's), and every master runs it.
+        let seen = s.observed_generation.is_some() && s.observed_generation == k.metadata.generation;
         let all = masters
             .iter()
             .all(|m| s.nodes.iter().any(|n| &n.name == m && n.healthy && n.applied_revision.as_deref().and_then(spec_part).as_deref() == Some(rev.as_str())));
-        all.then_some(())
+        (seen && all).then_some(())
     })
     .await;
     if ok.is_none() {
@@ -367,8 +369,9 @@ async fn ha_kcm_on_three_masters() {
     Api::<KubeControllerManager>::all(c.clone()).patch(CR_NAME, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let (worst, log) = health
         .max_down_during(&masters, Duration::from_secs(180), || async {
-            let (_, s) = status(&c).await;
-            s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+            // Degraded for this spec (its generation), not left from the one before.
+            let (k, s) = status(&c).await;
+            s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.observed_generation == k.metadata.generation)
         })
         .await;
     let (_, s) = status(&c).await;
