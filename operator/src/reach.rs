@@ -71,6 +71,17 @@ pub async fn look(client: &kube::Client) -> Result<(), String> {
     }
 }
 
+/// A look while running: GET of the operator's own election Lease (what every replica reads
+/// anyway; one not there yet is an answer too), so an idle operator reads nothing but Leases.
+pub async fn look_at_lease(client: &kube::Client) -> Result<(), String> {
+    let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), crate::api::NAMESPACE);
+    match tokio::time::timeout(PROBE_TIMEOUT, api.get_opt(crate::api::OPERATOR_LEASE)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(chain(&e)),
+        Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+    }
+}
+
 /// An error and its causes on one line (kube's own message hides why a connect failed).
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -112,7 +123,7 @@ pub async fn watch(client: kube::Client, apiserver: String, ready: Ready, switch
     let mut reach = Reach { failures: 0, seen_ok: true };
     loop {
         tokio::time::sleep(PROBE_PERIOD).await;
-        let outcome = look(&client).await;
+        let outcome = look_at_lease(&client).await;
         match reach.observe(&outcome) {
             Some(Change::Lost(why)) => tracing::warn!(%apiserver, "apiserver unreachable: {why}; not ready until it answers"),
             Some(Change::Back { failures }) => tracing::info!(%apiserver, "apiserver answers again after {failures} failed looks: ready"),
