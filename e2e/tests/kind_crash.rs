@@ -91,7 +91,10 @@ async fn crash_at(c: &kube::Client, masters: &[String], health: &HealthWatch, ta
     let (down, _, _) = health.most_down(from, now_secs());
     println!("{point} on {target}: helper killed ({restarts} container restart), step {revision} applied and 3/3 healthy after {took:.1}s; most masters down at once (/healthz): {down}");
     assert_eq!(restarts, 1, "{point}: the helper on {target} was killed once (container restarts)");
-    assert_eq!(down, 1, "{point}: the repair took {target}'s kcm down once, and no other with it");
+    // Never two at once. That the repair took this kcm down (once) is the journal's start
+    // count below: a restart can be shorter than the watchers' 100 ms (kcm serves ~30 ms
+    // after it starts), so /healthz may not see it (ci13: 0).
+    assert!(down <= 1, "{point}: {down} masters without kcm at once during the repair of {target}");
     // kcm was started once for the step: a resumed step restarts it once, a finished one is
     // never redone (systemd's journal on the node, since the step was armed). Starts systemd
     // made itself (Restart=on-failure: "Scheduled restart job") are not the step's: kcm whose
