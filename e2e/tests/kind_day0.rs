@@ -214,6 +214,7 @@ async fn seed_day0_bootstrap_before_the_kubelets() {
     let (_, before) = cr(&c).await.expect("CR");
     let serials: BTreeMap<String, String> = before.nodes.iter().map(|n| (n.name.clone(), n.cert_serial.clone().unwrap_or_default())).collect();
     let operator = from_image(dir.path(), "kcm-operator");
+    let asked_us = (now_secs() * 1e6) as i64;
     let (ok, out) = sh(std::process::Command::new(&operator).arg("renew").env("KUBECONFIG", e2e::kind::kubeconfig()));
     assert!(ok, "kcm-operator renew:\n{out}");
     println!("renew now: {}", out.trim().lines().last().unwrap_or_default());
@@ -234,9 +235,21 @@ async fn seed_day0_bootstrap_before_the_kubelets() {
         assert!(t0.elapsed() < Duration::from_secs(300), "renew now: renewed {renewed_at:?} within 300s: {:?}\n{}", s.nodes, diagnostics());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The order the operator gave the renewals in: its RolloutStep Events (microsecond
+    // eventTime), not the 1 s polls above, which see restart-free steps land in one sample.
     let leader_now = kcm_lease(&c).await.and_then(|l| l.node()).unwrap_or_default();
-    let last = renewed_at.iter().max_by(|a, b| a.1.total_cmp(b.1)).map(|(m, _)| m.clone()).unwrap_or_default();
-    assert_eq!(last, leader_now, "renew now: the leader's master renewed last: {renewed_at:?}");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(c.clone()).list(&ListParams::default().fields("reason=RolloutStep")).await.unwrap();
+    let mut given: Vec<(i64, String)> = events
+        .items
+        .iter()
+        .filter(|e| e.note.as_deref().is_some_and(|n| n.contains("requested at")))
+        .filter_map(|e| Some((e.event_time.as_ref()?.0.as_microsecond(), e.regarding.as_ref()?.name.clone()?)))
+        .filter(|(at, _)| *at >= asked_us)
+        .collect();
+    given.sort();
+    let order: Vec<String> = given.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(order.len(), masters.len(), "renew now: one RolloutStep per master: {order:?}");
+    assert_eq!(order.last(), Some(&leader_now), "renew now: the leader's master renewed last: {order:?} (first reported {renewed_at:?})");
     let csrs = Api::<CertificateSigningRequest>::all(c.clone()).list(&ListParams::default()).await.unwrap();
     for m in &masters {
         let installed = CertInfo::from_pem(must(m, &format!("cat {SEED_CERT}")).as_bytes(), "kcm certificate").unwrap();
