@@ -70,15 +70,10 @@ pub fn refusal(unit_path: &str, unit_on_host: Option<&str>, unit_active: bool, r
         ));
     }
     let theirs = unit_on_host.filter(|u| unit_active && *u != rendered)?;
-    let (n, here, ours) = theirs
-        .lines()
-        .map(Some)
-        .chain(std::iter::repeat(None))
-        .zip(rendered.lines().map(Some).chain(std::iter::repeat(None)))
-        .take(theirs.lines().count().max(rendered.lines().count()))
-        .enumerate()
-        .find(|(_, (a, b))| a != b)
-        .map(|(i, (a, b))| (i + 1, a.unwrap_or("<end>"), b.unwrap_or("<end>")))
+    let (a, b): (Vec<&str>, Vec<&str>) = (theirs.lines().collect(), rendered.lines().collect());
+    let (n, here, ours) = (0..a.len().max(b.len()))
+        .find(|&i| a.get(i) != b.get(i))
+        .map(|i| (i + 1, a.get(i).copied().unwrap_or("<end>"), b.get(i).copied().unwrap_or("<end>")))
         .unwrap_or((0, "", ""));
     Some(format!(
         "{unit_path} runs kcm from a unit this command did not write (line {n}: {here:?} here, {ours:?} from the CR): \
