@@ -205,6 +205,49 @@ async fn ha_kcm_on_three_masters() {
     let _ = kubectl(&["delete", "namespace", ns, "--wait=false"]);
     println!("seed 2.4: deployment-controller SA bound; a Deployment got its ReplicaSet and Pods");
 
+    // kubeadm's flags kept through adoption: a Node made after it gets spec.podCIDR from
+    // --cluster-cidr (kind's podSubnet), which only a kcm with --allocate-node-cidrs gives.
+    // No kubelet behind it: node IPAM allocates for the object; it is deleted at once.
+    let nodes_api = Api::<Node>::all(c.clone());
+    let fake = format!("kcm-e2e-podcidr-{}", std::process::id());
+    let body: Node = serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": fake}})).unwrap();
+    nodes_api.create(&PostParams::default(), &body).await.unwrap();
+    let t0 = Instant::now();
+    let cidr = poll("spec.podCIDR on a new Node", Duration::from_secs(60), || async { nodes_api.get(&fake).await.ok()?.spec?.pod_cidr }).await;
+    let _ = nodes_api.delete(&fake, &Default::default()).await;
+    let cidr = cidr.unwrap_or_else(|| panic!("a Node made after adoption got no spec.podCIDR in 60s: --allocate-node-cidrs dropped?\n{}", diagnostics()));
+    assert!(cidr.starts_with("10.244."), "podCIDR {cidr} from kind's podSubnet 10.244.0.0/16");
+    println!("kubeadm's flags kept: a Node made after adoption got podCIDR {cidr} in {:.1}s", t0.elapsed().as_secs_f64());
+
+    // kubeadm writes its kcm manifest again (as `kubeadm upgrade` does) on a follower's master:
+    // drift, and its repair adopts it again (moved aside, our kcm restarted), never two masters
+    // without a serving kcm.
+    let leader = kcm_leader(&c).await.expect("kcm Lease holder");
+    let again = masters.iter().find(|m| **m != leader).unwrap().clone();
+    let kept = node_helper::step::adopted_path(&k.spec).expect("kubeadm's manifest is kept aside");
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(on_node(&again, &format!("cp {kept} {}", kcm_paths.static_pod_manifest)).0, "writing kubeadm's manifest again on {again}");
+    let (worst, log) = health
+        .max_down_during(&masters, Duration::from_secs(180), || async {
+            let (_, s) = status(&c).await;
+            let repaired = s.nodes.iter().any(|n| {
+                n.name == again
+                    && n.healthy
+                    && n.drift.is_empty()
+                    && n.applied_revision.as_deref().and_then(kcm_operator::rollout::repair_given_at).is_some_and(|at| at >= since)
+            });
+            repaired && !on_node(&again, &format!("test -e {}", kcm_paths.static_pod_manifest)).0
+        })
+        .await;
+    assert!(
+        !on_node(&again, &format!("test -e {}", kcm_paths.static_pod_manifest)).0 && on_node(&again, &format!("test -s {kept}")).0,
+        "kubeadm's manifest moved aside again on {again}: {log}\n{}",
+        diagnostics()
+    );
+    assert!(worst <= 1, "kubeadm's manifest written again: at most one master without a serving kcm: {log}");
+    rolled_out(&c, &masters, Duration::from_secs(60), "all healthy after the manifest was adopted again").await;
+    println!("kubeadm's manifest written again on {again}: drift, adopted again by a repair; most masters down at once (/healthz): {worst}; {log}");
+
     // Seed 2.5: one leader among the three, the same in the CR's status.
     let leader = kcm_leader(&c).await.expect("kcm Lease holder");
     assert!(masters.contains(&leader), "leader {leader} is a master");

@@ -39,6 +39,14 @@ pub fn check(recorded: &BTreeMap<String, String>, cert_path: &str, read: impl Fn
     out
 }
 
+/// kubeadm's kcm static pod manifest back where kubeadm keeps it (`manifest`) on a master
+/// whose kcm runs under our unit: a `kubeadm upgrade` writes it again, and a second kcm
+/// then runs beside ours. Drift: the repair adopts it again (moved aside, its flags checked).
+pub fn static_pod_back(manifest: &str, read: impl Fn(&str) -> Option<Vec<u8>>) -> Option<String> {
+    (!manifest.is_empty() && read(manifest).is_some())
+        .then(|| format!("{manifest}: kubeadm's kcm static pod manifest is back (written again by kubeadm?): a second kcm beside ours"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +75,14 @@ mod tests {
         assert!(check(&recorded, "/cert", read, 1_500).is_empty());
         let d = check(&recorded, "/cert", read, 2_001);
         assert!(d.len() == 1 && d[0].contains("expired at"), "{d:?}");
+    }
+
+    #[test]
+    fn a_kubeadm_manifest_written_again_is_drift() {
+        let read = |p: &str| (p == "/etc/kubernetes/manifests/kube-controller-manager.yaml").then(|| b"kind: Pod".to_vec());
+        let line = static_pod_back("/etc/kubernetes/manifests/kube-controller-manager.yaml", read).expect("drift");
+        assert!(line.contains("is back"), "{line}");
+        assert_eq!(static_pod_back("/etc/kubernetes/manifests/other.yaml", read), None);
+        assert_eq!(static_pod_back("", read), None, "no static pod path: nothing to adopt");
     }
 }

@@ -467,7 +467,11 @@ impl Helper {
             } else {
                 hashes
             };
-            let drift = node_helper::drift::check(&hashes, &paths.cert, read, now.as_second());
+            let mut drift = node_helper::drift::check(&hashes, &paths.cert, read, now.as_second());
+            // Only where our kcm runs: before adoption the manifest is kubeadm's to have.
+            if baseline {
+                drift.extend(node_helper::drift::static_pod_back(&paths.static_pod_manifest, read));
+            }
             (hashes, drift)
         })
         .await
