@@ -67,6 +67,8 @@ pub const HELPER_METRICS_PORT: u16 = 9477;
 pub const HELPER_METRICS_ADDR_ENV: &str = "KCM_HELPER_METRICS_ADDR";
 /// A helper reports at least this often (seconds), also when nothing changed.
 pub const REPORT_PERIOD_SECS: i64 = 10;
+/// The CR's condition that is True once every master is handed back ([`KubeControllerManagerSpec::hand_back`]).
+pub const HANDED_BACK_CONDITION: &str = "HandedBack";
 /// A node report older than this (seconds) is unknown: neither healthy nor unhealthy.
 pub const STALE_AFTER_SECS: i64 = 3 * REPORT_PERIOD_SECS;
 
@@ -125,6 +127,24 @@ pub struct KubeControllerManagerSpec {
     /// Stop all rollouts and renewals; status is still reported.
     #[serde(default)]
     pub paused: bool,
+    /// Hand the masters back to kubeadm's kcm: see [`HandBack`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_back: Option<HandBack>,
+}
+
+/// Hand the masters back (`kubeadm`: to kubeadm's kcm static pod). On each master that runs
+/// our kcm, one at a time, the kcm leader's last: the manifest kept aside at adoption is put
+/// back, and once kubeadm's kcm answers /healthz there our unit is stopped (its Lease handed
+/// off first) and disabled. Refused on a master with no manifest kept, or whose kubeadm
+/// kubeconfig's certificate has expired; nothing is stopped there. Renewals and repairs
+/// stop. When every master is handed back (condition HandedBack), the helpers remove the
+/// operator's static pods; then delete the rest (README, "Uninstall"). Removed again before
+/// that, it adopts kubeadm's kcm again.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HandBack {
+    /// kubeadm's kcm static pod, from the manifest kept aside at adoption.
+    Kubeadm,
 }
 
 /// The kcm certificate and how it is renewed.
@@ -441,6 +461,20 @@ pub struct KubeControllerManagerStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl KubeControllerManager {
+    /// Whether every master has been handed back under the current spec (its HandedBack
+    /// condition True, for this generation): what the helpers wait for before they remove
+    /// the operator's static pods.
+    pub fn handed_back(&self) -> bool {
+        let generation = self.metadata.generation;
+        self.spec.hand_back.is_some()
+            && self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == HANDED_BACK_CONDITION && c.status == "True" && c.observed_generation == generation))
+    }
+}
+
 /// One master in the CR's status: the operator's side of its [`KcmNode`] and the report of
 /// its helper (an aggregate for `kubectl get kcm -o yaml`; the contract is the KcmNode).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -493,7 +527,9 @@ impl NodeStatus {
 /// the step does beyond applying it. Written `<spec>`, `<spec>/renew-<serial>` (renew the
 /// certificate with that hex serial; a retry after a failed attempt adds
 /// `/try-<attempt>-<unix seconds>`, a new target) or `<spec>/repair-<unix seconds>` (reinstall and
-/// restart; the time makes a second repair of the same spec a new target).
+/// restart; the time makes a second repair of the same spec a new target) or
+/// `<spec>/hand-back-<unix seconds>` (hand the master back to kubeadm's kcm:
+/// [`KubeControllerManagerSpec::hand_back`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Revision {
     pub spec: String,
@@ -510,6 +546,10 @@ pub enum Step {
         retry: Option<(u32, i64)>,
     },
     Repair {
+        at: i64,
+    },
+    /// `at`: when it was given, so a retry after a failed hand back is a new target.
+    HandBack {
         at: i64,
     },
 }
@@ -536,6 +576,16 @@ impl Revision {
     pub fn repair(spec: &str, at: i64) -> Self {
         Self { spec: spec.into(), step: Step::Repair { at } }
     }
+    pub fn hand_back(spec: &str, at: i64) -> Self {
+        Self { spec: spec.into(), step: Step::HandBack { at } }
+    }
+    /// When a hand back was given (unix seconds).
+    pub fn hand_back_at(&self) -> Option<i64> {
+        match self.step {
+            Step::HandBack { at } => Some(at),
+            _ => None,
+        }
+    }
     /// The serial (hex) of the certificate a renewal replaces.
     pub fn renews(&self) -> Option<&str> {
         match &self.step {
@@ -559,6 +609,7 @@ impl std::fmt::Display for Revision {
             Step::Renew { serial, retry: None } => write!(f, "{}/renew-{serial}", self.spec),
             Step::Renew { serial, retry: Some((n, at)) } => write!(f, "{}/renew-{serial}/try-{n}-{at}", self.spec),
             Step::Repair { at } => write!(f, "{}/repair-{at}", self.spec),
+            Step::HandBack { at } => write!(f, "{}/hand-back-{at}", self.spec),
         }
     }
 }
@@ -566,10 +617,13 @@ impl std::fmt::Display for Revision {
 impl std::str::FromStr for Revision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("revision {s:?}: expected <spec>, <spec>/renew-<serial>[/try-<attempt>-<unix seconds>] or <spec>/repair-<unix seconds>");
+        let bad = || {
+            format!("revision {s:?}: expected <spec>, <spec>/renew-<serial>[/try-<attempt>-<unix seconds>], <spec>/repair-<unix seconds> or <spec>/hand-back-<unix seconds>")
+        };
         let hex = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_hexdigit());
         let (spec, step) = match s.split_once('/') {
             None => (s, Step::Apply),
+            Some((spec, rest)) if rest.starts_with("hand-back-") => (spec, Step::HandBack { at: rest["hand-back-".len()..].parse().map_err(|_| bad())? }),
             Some((spec, rest)) => match (rest.strip_prefix("renew-"), rest.strip_prefix("repair-")) {
                 (Some(serial), _) if hex(serial) => (spec, Step::Renew { serial: serial.into(), retry: None }),
                 (Some(renew), _) => {
@@ -610,7 +664,7 @@ impl JsonSchema for Revision {
         "Revision".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string", "maxLength": 256, "pattern": "^[A-Za-z0-9.-]+(/renew-[0-9A-Fa-f]+(/try-[0-9]+-[0-9]+)?|/repair-[0-9]+)?$"})
+        schemars::json_schema!({"type": "string", "maxLength": 256, "pattern": "^[A-Za-z0-9.-]+(/renew-[0-9A-Fa-f]+(/try-[0-9]+-[0-9]+)?|/repair-[0-9]+|/hand-back-[0-9]+)?$"})
     }
     fn inline_schema() -> bool {
         true
@@ -722,6 +776,7 @@ mod tests {
             ("a1b2c3d4e5f6/renew-0A1b", Revision::renew("a1b2c3d4e5f6", "0A1b")),
             ("a1b2c3d4e5f6/repair-1800000000", Revision::repair("a1b2c3d4e5f6", 1_800_000_000)),
             ("a1b2c3d4e5f6/renew-0A1b/try-2-1800000000", Revision::renew_retry("a1b2c3d4e5f6", "0A1b", 2, 1_800_000_000)),
+            ("a1b2c3d4e5f6/hand-back-1800000000", Revision::hand_back("a1b2c3d4e5f6", 1_800_000_000)),
         ] {
             assert_eq!(text.parse::<Revision>().unwrap(), rev);
             assert_eq!(rev.to_string(), text);
@@ -746,6 +801,10 @@ mod tests {
             "abc/renew-ff/try-2",
             "abc/renew-/try-2-12",
             "abc/renew-ff/try-2-12/x",
+            "abc/hand-back-",
+            "abc/hand-back-soon",
+            "abc/hand-back-12/x",
+            "abc/hand-back-hand-back-12",
         ] {
             assert!(bad.parse::<Revision>().is_err(), "{bad:?} parses");
         }

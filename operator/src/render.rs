@@ -287,6 +287,8 @@ pub fn node_files(
 pub fn spec_revision(spec: &KubeControllerManagerSpec) -> String {
     let mut s = spec.clone();
     s.paused = false;
+    // Handing back applies no spec: the revision stays the one the masters run.
+    s.hand_back = None;
     let json = serde_json::to_vec(&s).expect("spec serializes");
     let digest = Sha256::digest(&json);
     digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
@@ -336,6 +338,7 @@ mod tests {
             kcm: KcmSpec { working_dir: "/data/k8s/k8s/kube-controller-manager".into(), ..Default::default() },
             paths: HostPaths::default(),
             paused: false,
+            hand_back: None,
         }
     }
 

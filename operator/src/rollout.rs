@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 
 use crate::api::CR_NAME;
 use crate::api::{
-    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, KubeconfigMode, NodeStatus, Revision, HELPER_APP,
-    HELPER_DAEMONSET, KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RENEW_REQUESTED_ANNOTATION, RESCUE_APP, STALE_AFTER_SECS,
+    KcmNode, KcmNodeSpec, KubeControllerManager, KubeControllerManagerSpec, KubeControllerManagerStatus, KubeconfigMode, NodeStatus, Revision,
+    HANDED_BACK_CONDITION, HELPER_APP, HELPER_DAEMONSET, KCM_LEASE, NAMESPACE, OPERATOR_MANAGER, RENEW_REQUESTED_ANNOTATION, RESCUE_APP, STALE_AFTER_SECS,
 };
 use crate::approver::is_master;
 use crate::kube_error::{kube_err, KubeError};
@@ -44,6 +44,8 @@ pub enum Decision {
     Stop { node: String, reason: String },
     /// Paused by the spec.
     Paused,
+    /// `spec.handBack`: no master runs our kcm any more.
+    HandedBack,
     /// `node`'s repair or renewal failed; the next try waits (Degraded `RepairFailed` or
     /// `RenewalFailed`).
     Backoff { node: String, step: BackoffStep, reason: String },
@@ -54,6 +56,7 @@ pub enum Decision {
 pub enum BackoffStep {
     Repair,
     Renewal,
+    HandBack,
 }
 
 impl BackoffStep {
@@ -62,6 +65,7 @@ impl BackoffStep {
         match self {
             BackoffStep::Repair => ("RepairBackoff", "RepairFailed"),
             BackoffStep::Renewal => ("RenewalBackoff", "RenewalFailed"),
+            BackoffStep::HandBack => ("HandBackBackoff", "HandBackFailed"),
         }
     }
 }
@@ -99,7 +103,8 @@ pub fn parse_time(s: &str) -> Option<i64> {
 /// capped by the cluster CA's notAfter is not renewed again under that CA (it cannot get
 /// longer): see [`ca_expiring`].
 fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_after: Option<i64>, now: i64) -> Option<(String, String)> {
-    let applied = n.applied_revision.as_deref().and_then(spec_part);
+    // A master handed back runs kubeadm's kcm, not the spec (the hand back was undone).
+    let applied = n.applied_revision.as_deref().and_then(|r| r.parse::<Revision>().ok()).filter(|r| r.hand_back_at().is_none()).map(|r| r.spec);
     if applied.as_deref() != Some(rev) {
         return Some((rev.to_string(), format!("runs {}, spec is {rev}", n.applied_revision.as_deref().unwrap_or("nothing of ours"))));
     }
@@ -396,6 +401,9 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
             return Decision::Wait { node: n.name.clone(), why: format!("applying {t}") };
         }
     }
+    if spec.hand_back.is_some() {
+        return decide_hand_back(spec, &rev, &nodes, f);
+    }
 
     // The spec's revision failed on a master and was rolled back: it is known bad, so no
     // master gets it, not even as a repair, until the spec changes. (A failed renewal or
@@ -489,6 +497,47 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
         return backoff_or(Decision::Wait { node, why });
     }
     Decision::Go { node: next.name.clone(), revision, why }
+}
+
+/// Whether master `n` runs our kcm and is not handed back: it has applied a revision of
+/// ours, and not a hand back.
+pub fn runs_ours(n: &NodeStatus) -> bool {
+    n.applied_revision.as_deref().and_then(|r| r.parse::<Revision>().ok()).is_some_and(|r| r.hand_back_at().is_none())
+}
+
+/// `spec.handBack` (after any step under way has ended): each master that runs our kcm gets
+/// a hand-back step, one at a time, the kcm leader's master last. A hand back takes nothing
+/// down (kubeadm's kcm serves before ours stops), so it does not wait for the others'
+/// health; a master without a fresh report is passed over (no helper there to act) and
+/// holds the end. A failed hand back (refused, or kubeadm's kcm never healthy: ours kept)
+/// is tried again after the repair backoff. Renewals and repairs do not run.
+fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeStatus], f: &Facts<'_>) -> Decision {
+    let now = f.now;
+    let mut todo: Vec<&NodeStatus> = nodes.iter().filter(|n| runs_ours(n)).collect();
+    todo.sort_by_key(|n| (Some(n.name.as_str()) == f.leader, n.name.clone()));
+    let mut held = None;
+    for n in todo {
+        if !fresh(n, now) {
+            held.get_or_insert_with(|| Decision::Wait {
+                node: n.name.clone(),
+                why: format!("{} has no fresh report: its hand back waits for its helper", n.name),
+            });
+            continue;
+        }
+        let failed = n.target_revision.is_some() && n.failed_revision == n.target_revision;
+        if let Some(given) = n.target_revision.as_deref().filter(|_| failed).and_then(|t| t.parse::<Revision>().ok()).and_then(|r| r.hand_back_at()) {
+            let retry_at = given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
+            if now < retry_at {
+                let reason = format!("hand back failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at));
+                if !matches!(held, Some(Decision::Backoff { .. })) {
+                    held = Some(Decision::Backoff { node: n.name.clone(), step: BackoffStep::HandBack, reason });
+                }
+                continue;
+            }
+        }
+        return Decision::Go { node: n.name.clone(), revision: Revision::hand_back(rev, now).to_string(), why: "spec.handBack: kubeadm".to_string() };
+    }
+    held.unwrap_or(Decision::HandedBack)
 }
 
 /// The KcmNodes (`ours`) whose Node no longer exists (`nodes`: every Node's name). No Node
@@ -739,6 +788,7 @@ pub fn aggregate(
         Decision::Backoff { node, step, reason } => (true, step.reasons().0, format!("{node}: {reason}")),
         Decision::Done => (false, "UpToDate", "every master runs the spec".to_string()),
         Decision::Paused => (false, "Paused", "spec.paused is true".to_string()),
+        Decision::HandedBack => (false, "HandedBack", "spec.handBack: every master runs kubeadm's kcm".to_string()),
         Decision::Stop { node, .. } => (false, "Stopped", format!("stopped at {node}")),
     };
     conds.push(("Progressing", progressing, preason.to_string(), pmsg));
@@ -762,6 +812,18 @@ pub fn aggregate(
         },
     };
     conds.push(("Degraded", degraded, dreason.to_string(), dmsg));
+    let handed_back = *decision == Decision::HandedBack;
+    conds.push((
+        HANDED_BACK_CONDITION,
+        handed_back,
+        if handed_back { "HandedBack" } else { "NotHandedBack" }.to_string(),
+        if handed_back {
+            "kubeadm's kcm static pod runs on every master, our units are stopped and disabled; the helpers remove the operator's static pods (README: Uninstall)"
+                .to_string()
+        } else {
+            String::new()
+        },
+    ));
     (healthy, conds)
 }
 
@@ -925,7 +987,8 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     }
 
     let ca_message = ca_expiring(spec, ca_not_after, now.as_second());
-    let blocked = renewal_blocked(spec, &entries, ca_not_after, now.as_second());
+    // Handing back, nothing is renewed: not a blocked renewal.
+    let blocked = renewal_blocked(spec, &entries, ca_not_after, now.as_second()).filter(|_| spec.hand_back.is_none());
     let warnings = Warnings { ca_expiring: ca_message.as_deref(), renewal_blocked: blocked.as_deref(), bad_renew_requests: &bad_requests };
     let (healthy, wanted_conds) = aggregate(&masters, &entries, &decision, &warnings, now.as_second());
     ctx.metrics.masters(&entries, &renewals, now.as_second());
@@ -959,7 +1022,7 @@ async fn reconcile(ctx: &Ctx) -> Result<Duration, RolloutError> {
     // reports and missing helpers are seen. Changes wake the loop earlier.
     let next = match decision {
         Decision::Go { .. } | Decision::Wait { .. } => 3,
-        Decision::Stop { .. } | Decision::Paused | Decision::Backoff { .. } | Decision::Done => crate::api::REPORT_PERIOD_SECS,
+        Decision::Stop { .. } | Decision::Paused | Decision::Backoff { .. } | Decision::Done | Decision::HandedBack => crate::api::REPORT_PERIOD_SECS,
     };
     let until_lease = lease_spec.as_ref().and_then(lease_expiry).filter(|_| leader.is_some()).map(|t| t + 1 - now.as_second());
     let secs = until_lease.map_or(next, |u| u.clamp(1, next));
@@ -1061,6 +1124,88 @@ mod tests {
         assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m1"));
         let st = vec![done("m1", &rev), done("m2", &rev), done("m3", &rev)];
         assert_eq!(run(&s, &st, Some("m1")), Decision::Done);
+    }
+
+    #[test]
+    fn hand_back_goes_one_master_at_a_time_leader_last_and_ends_handed_back() {
+        let mut s = spec();
+        s.hand_back = Some(crate::api::HandBack::Kubeadm);
+        let rev = spec_revision(&s);
+        assert_eq!(rev, spec_revision(&spec()), "handing back is not a new spec revision");
+        let handed = |name: &str, at: i64| {
+            let r = Revision::hand_back(&rev, at).to_string();
+            let mut n = done(name, &r);
+            n.report.unit_active = false;
+            n
+        };
+        // Followers first, by name, whatever their health: a hand back takes nothing down.
+        let mut sick = done("m2", &rev);
+        sick.report.healthy = false;
+        let st = vec![done("m1", &rev), sick.clone(), done("m3", &rev)];
+        let d = run(&s, &st, Some("m1"));
+        assert!(
+            matches!(&d, Decision::Go { node, revision, .. } if node == "m2" && revision.parse::<Revision>().unwrap().hand_back_at() == Some(NOW)),
+            "{d:?}"
+        );
+        // A step under way (the one just given) holds the next.
+        let mut going = done("m2", &rev);
+        going.target_revision = Some(Revision::hand_back(&rev, NOW).to_string());
+        assert!(matches!(run(&s, &[done("m1", &rev), going, done("m3", &rev)], Some("m1")), Decision::Wait { node, .. } if node == "m2"));
+        let st = vec![done("m1", &rev), handed("m2", NOW - 60), done("m3", &rev)];
+        assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m3"));
+        let st = vec![done("m1", &rev), handed("m2", NOW - 60), handed("m3", NOW - 30)];
+        assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m1"), "the leader's master last");
+        // Never adopted (no kcm of ours there): nothing to hand back.
+        let st = vec![reported("m1"), handed("m2", NOW - 60), handed("m3", NOW - 30)];
+        assert_eq!(run(&s, &st, Some("m1")), Decision::HandedBack);
+        // No renewal, no repair while handing back: an expired certificate is handed back too.
+        let mut expired = done("m1", &rev);
+        expired.report.not_after = Some(at(NOW - 10));
+        let st = vec![expired, handed("m2", NOW - 60), handed("m3", NOW - 30)];
+        assert!(matches!(run(&s, &st, None), Decision::Go { node, revision, .. } if node == "m1" && revision.contains("/hand-back-")));
+        // Undone (handBack removed): a master handed back gets the spec again (adopted anew).
+        let st = vec![handed("m1", NOW - 90), handed("m2", NOW - 60), handed("m3", NOW - 30)];
+        assert!(matches!(run(&spec(), &st, Some("m1")), Decision::Go { node, revision, .. } if node == "m2" && *revision == rev));
+    }
+
+    #[test]
+    fn a_failed_hand_back_is_retried_after_the_backoff_and_a_stale_master_holds_the_end() {
+        let mut s = spec();
+        s.hand_back = Some(crate::api::HandBack::Kubeadm);
+        let rev = spec_revision(&s);
+        let mut refused = done("m2", &rev);
+        let given = NOW - 5;
+        refused.target_revision = Some(Revision::hand_back(&rev, given).to_string());
+        refused.report.failed_revision = refused.target_revision.clone();
+        refused.report.message = Some("no kubeadm manifest kept aside".into());
+        // The others go meanwhile; the refused one backs off.
+        let d = run(&s, &[done("m1", &rev), refused.clone(), done("m3", &rev)], Some("m1"));
+        assert!(matches!(&d, Decision::Go { node, .. } if node == "m3"), "{d:?}");
+        let handed = |name: &str| {
+            let mut n = done(name, &Revision::hand_back(&rev, NOW - 100).to_string());
+            n.report.unit_active = false;
+            n
+        };
+        let d = run(&s, &[handed("m1"), refused.clone(), handed("m3")], None);
+        assert!(matches!(&d, Decision::Backoff { node, step: BackoffStep::HandBack, reason } if node == "m2" && reason.contains("kept aside")), "{d:?}");
+        let mut st = vec![handed("m1"), refused, handed("m3")];
+        for n in st.iter_mut() {
+            n.report.observed_at = Some(at(given + 599));
+        }
+        let later = decide(&s, &Facts { masters: &masters(), status: &st, leader: None, ca_not_after: None, now: given + 600 });
+        assert!(
+            matches!(&later, Decision::Go { node, revision, .. } if node == "m2" && revision.ends_with(&format!("hand-back-{}", given + 600))),
+            "{later:?}"
+        );
+        // A master whose helper does not report cannot be handed back: it holds the end.
+        let mut stale = done("m2", &rev);
+        stale.report.observed_at = Some(at(NOW - 120));
+        let d = run(&s, &[handed("m1"), stale, handed("m3")], None);
+        assert!(matches!(&d, Decision::Wait { node, .. } if node == "m2"), "{d:?}");
+        let (_, conds) = aggregate(&masters(), &[], &d, &Warnings::default(), NOW);
+        assert!(conds.iter().any(|(t, v, _, _)| *t == HANDED_BACK_CONDITION && !*v));
+        let (_, conds) = aggregate(&masters(), &[], &Decision::HandedBack, &Warnings::default(), NOW);
+        assert!(conds.iter().any(|(t, v, r, _)| *t == HANDED_BACK_CONDITION && *v && r == "HandedBack"), "{conds:?}");
     }
 
     #[test]
