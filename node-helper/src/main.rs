@@ -360,7 +360,7 @@ impl Helper {
         let node_name = node_name_owned.as_str();
         let spec = &kcm.spec;
         // First the operator's static pod: it is the operator that makes the KcmNodes.
-        let operator_pod_error = self.place_operator_pod(spec).await.err();
+        let operator_pod_error = if kcm.handed_back() { self.remove_operator_pod().await.err() } else { self.place_operator_pod(spec).await.err() };
         if let Some(e) = &operator_pod_error {
             tracing::warn!(node = node_name, "operator static pod not placed: {e}");
         }
@@ -417,7 +417,8 @@ impl Helper {
         let mut report = match pending {
             Some(target) => {
                 tracing::info!(node = node_name, %target, "applying revision");
-                match step.apply(spec, target).await {
+                let result = if target.hand_back_at().is_some() { step.hand_back(spec, target).await } else { step.apply(spec, target).await };
+                match result {
                     Ok(r) => {
                         self.metrics.step(StepResult::Applied);
                         r
@@ -435,6 +436,10 @@ impl Helper {
                         }
                     }
                 }
+            }
+            _ if handed_back(&keep) => {
+                let (unit_active, healthy) = step.observe_handed_back(spec).await;
+                Report { unit_active, healthy, ..keep }
             }
             _ => {
                 let (unit_active, probed) = observe(host, &step, spec, this_node.as_deref()).await;
@@ -458,7 +463,12 @@ impl Helper {
         // Reading and hashing the files is blocking I/O: off the async runtime (the fence
         // follows kcm every 100 ms on it).
         let (paths, hashes, baseline, host_fs) = (spec.paths.clone(), report.file_hashes.clone(), report.applied_revision.is_some(), host.clone());
+        // Handed back, our files are kubeadm's kcm's business no more: no drift to repair.
+        let skip_drift = handed_back(&report);
         let (hashes, drift) = tokio::task::spawn_blocking(move || {
+            if skip_drift {
+                return (hashes, Vec::new());
+            }
             let read = |p: &str| read_host(&host_fs, p);
             // Files of ours with no recorded hashes (a helper from before hashes were kept):
             // what is there now is the baseline.
@@ -523,6 +533,22 @@ impl Helper {
         }
     }
 
+    /// Every master is handed back (`spec.handBack`, condition HandedBack): the operator's
+    /// static pod leaves this master. `Err`: why it could not be removed.
+    async fn remove_operator_pod(&mut self) -> Result<(), String> {
+        let dir = node_helper::kubelet::static_pod_dir(self.host.root())?;
+        let target = format!("{}/{OPERATOR_MANIFEST}", dir.trim_end_matches('/'));
+        let hp = self.host.resolve("operatorStaticPod", &target).map_err(|e| e.to_string())?;
+        match std::fs::remove_file(&hp.local) {
+            Ok(()) => {
+                tracing::info!(node = %self.node_name, path = %target, "every master handed back: removed the operator's static pod");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("removing {target}: {e}")),
+        }
+    }
+
     /// Writes the operator's static pod manifest into the kubelet's static pod directory,
     /// with this helper's own image, when it differs. `Err`: why it is not placed.
     async fn place_operator_pod(&mut self, spec: &kcm_operator::api::KubeControllerManagerSpec) -> Result<(), String> {
@@ -545,6 +571,11 @@ impl Helper {
         }
         Ok(())
     }
+}
+
+/// Whether the master's last applied step handed it back to kubeadm's kcm.
+fn handed_back(r: &Report) -> bool {
+    r.applied_revision.as_deref().and_then(|a| a.parse::<kcm_operator::api::Revision>().ok()).is_some_and(|a| a.hand_back_at().is_some())
 }
 
 /// The status a look starts from: the API's at this look's GET, else what this helper last

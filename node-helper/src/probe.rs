@@ -31,6 +31,56 @@ pub async fn healthz(ip: IpAddr, port: u16, ca_pem: &str, timeout: Duration) -> 
     tokio::time::timeout(timeout, probe(ip, port, ca_pem)).await.map_err(|_| format!("no answer from {ip}:{port} within {timeout:?}"))?
 }
 
+/// Probes a kcm whose serving certificate cannot be verified (kubeadm's static pod serves a
+/// self-signed one it makes at start) once, within `timeout`: whether that process answers
+/// `/healthz`, never a trust decision. The handshake's signature is still checked.
+pub async fn healthz_unverified(ip: IpAddr, port: u16, timeout: Duration) -> Result<Health, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        .with_no_client_auth();
+    tokio::time::timeout(timeout, get_healthz(config, ip, port)).await.map_err(|_| format!("no answer from {ip}:{port} within {timeout:?}"))?
+}
+
+/// Accepts any server certificate (see [`healthz_unverified`]).
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 async fn probe(ip: IpAddr, port: u16, ca_pem: &str) -> Result<Health, String> {
     // Every CA of the file: a bundle (old and new CA) trusts a kcm serving either's certificate.
     let mut roots = rustls::RootCertStore::empty();
@@ -42,6 +92,11 @@ async fn probe(ip: IpAddr, port: u16, ca_pem: &str) -> Result<Health, String> {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    get_healthz(config, ip, port).await
+}
+
+/// One TLS connection to `ip:port` under `config`, and `GET /healthz` on it.
+async fn get_healthz(config: rustls::ClientConfig, ip: IpAddr, port: u16) -> Result<Health, String> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let addr = SocketAddr::new(ip, port);
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;

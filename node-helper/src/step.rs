@@ -33,6 +33,10 @@ pub enum StepError {
     StaticPodLingers { pids: Vec<u32>, secs: u64 },
     #[error("{0}; rolled back")]
     Interrupted(String),
+    #[error("hand back refused: {0}; nothing stopped")]
+    HandBackRefused(String),
+    #[error("kubeadm's kube-controller-manager did not answer /healthz on {addr} within {secs}s: {last}; its manifest put aside again, ours kept running")]
+    KubeadmUnhealthy { addr: String, secs: u64, last: String },
 }
 
 /// After releasing kcm's Lease, how long (seconds) the restart waits for a follower to take
@@ -47,6 +51,47 @@ pub fn adopted_path(spec: &KubeControllerManagerSpec) -> Option<String> {
     }
     let dir = Path::new(&spec.paths.kubeconfig).parent()?;
     Some(dir.join("kube-controller-manager.static-pod.yaml.adopted").display().to_string())
+}
+
+/// Where kubeadm's kcm, run with `flags` (its manifest's), answers /healthz on this host: its
+/// `--bind-address` (loopback when it binds every address; kubeadm sets 127.0.0.1) and its
+/// `--secure-port` (kcm's default 10257).
+pub fn kubeadm_healthz(flags: &[(String, Option<String>)]) -> (std::net::IpAddr, u16) {
+    let flag = |n: &str| flags.iter().rev().find(|(f, _)| f == n).and_then(|(_, v)| v.clone());
+    let ip = flag("bind-address").and_then(|a| a.parse::<std::net::IpAddr>().ok()).filter(|ip| !ip.is_unspecified());
+    let ip = ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    (ip, flag("secure-port").and_then(|p| p.parse().ok()).unwrap_or(10257))
+}
+
+/// Why kubeadm's kcm could not work with the kubeconfig its manifest names (pure): a client
+/// certificate of it (embedded, or a file `read` gives) that expired by `now`, or that cannot
+/// be read. `None`: none found wrong (a kubeconfig without certificates is not judged).
+pub fn kubeadm_credentials_problem(path: &str, kubeconfig: &str, read: impl Fn(&str) -> Option<Vec<u8>>, now: i64) -> Option<String> {
+    let doc: serde_yaml::Value = match serde_yaml::from_str(kubeconfig) {
+        Ok(d) => d,
+        Err(e) => return Some(format!("kubeadm's kubeconfig {path} is not YAML: {e}")),
+    };
+    let b64 = |s: &str| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s.trim()).ok();
+    for user in doc["users"].as_sequence().into_iter().flatten() {
+        let u = &user["user"];
+        let pem = match (u["client-certificate-data"].as_str(), u["client-certificate"].as_str()) {
+            (Some(data), _) => b64(data),
+            (None, Some(file)) => read(file),
+            (None, None) => continue,
+        };
+        let cert = pem.as_deref().and_then(|p| kcm_operator::pki::CertInfo::from_pem(p, "kubeadm's kcm client certificate").ok());
+        match cert {
+            None => return Some(format!("kubeadm's kubeconfig {path}: its client certificate cannot be read")),
+            Some(c) if c.not_after <= now => {
+                return Some(format!(
+                    "kubeadm's kubeconfig {path}: its client certificate expired at {} (renew it first: kubeadm certs renew controller-manager.conf)",
+                    rfc3339(c.not_after)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 /// What the helper reports about its master: its KcmNode's status.
@@ -239,6 +284,132 @@ impl Node<'_> {
         Ok(Some(why))
     }
 
+    /// Hands this master back to kubeadm's kcm (`spec.handBack`): its static pod manifest put
+    /// back (the one kept aside at adoption, or one kubeadm wrote since), kubeadm's kcm
+    /// answering /healthz, and only then our unit stopped (the Lease handed off first when it
+    /// leads) and disabled: the master is never without a kcm. Refused before anything is
+    /// touched with no manifest, or with kubeadm's kubeconfig unusable. On the master whose
+    /// kcm leads, ours stops first (see below). Journaled like a
+    /// step: a helper killed in the middle resumes it; kubeadm's kcm not healthy in time puts
+    /// the manifest aside again, our kcm still running.
+    pub async fn hand_back(&self, spec: &KubeControllerManagerSpec, target: &Revision) -> Result<Report, StepError> {
+        let revision = target.to_string();
+        let found = self.journal.load()?;
+        if let Some(report) = found.as_ref().filter(|j| j.revision == revision).and_then(|j| j.applied.clone()) {
+            tracing::info!(node = self.name, revision, "the hand back had ended before the helper stopped: reporting it");
+            return Ok(report);
+        }
+        let kept = adopted_path(spec)
+            .ok_or_else(|| StepError::HandBackRefused("spec.paths.staticPodManifest is empty: no kubeadm static pod to hand back to".into()))?;
+        let kept = self.host.resolve("adoptedStaticPod", &kept)?;
+        let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest)?;
+        let placed = self.host.read_optional(&manifest)?;
+        let body = match placed.clone() {
+            Some(b) => b,
+            None => self.host.read_optional(&kept)?.ok_or_else(|| {
+                StepError::HandBackRefused(format!("no kubeadm manifest kept aside at {} (nor one at {})", kept.host.display(), manifest.host.display()))
+            })?,
+        };
+        let flags = kcm_operator::render::static_pod_flags(&String::from_utf8_lossy(&body))
+            .map_err(|e| StepError::HandBackRefused(format!("kubeadm's manifest {}: {e}", kept.host.display())))?;
+        if let Some(kc) = flags.iter().rev().find(|(f, _)| f == "kubeconfig").and_then(|(_, v)| v.clone()) {
+            let hp = self.host.resolve("kubeadm's kubeconfig", &kc).map_err(|e| StepError::HandBackRefused(e.to_string()))?;
+            let text = self.host.read_optional(&hp)?.ok_or_else(|| StepError::HandBackRefused(format!("kubeadm's kubeconfig {kc} is missing")))?;
+            let read = |p: &str| self.host.resolve("kubeadm's client certificate", p).ok().and_then(|hp| self.host.read_optional(&hp).ok().flatten());
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            if let Some(problem) = kubeadm_credentials_problem(&kc, &String::from_utf8_lossy(&text), read, now) {
+                return Err(StepError::HandBackRefused(problem));
+            }
+        }
+        let mut j = match found {
+            Some(mut j) if j.revision == revision => {
+                if let Recovery::RollBack { why } = journal::recovery(&j, Some(&revision)) {
+                    self.roll_back(spec, &j).await;
+                    self.journal.remove()?;
+                    return Err(StepError::Interrupted(why));
+                }
+                j.attempts += 1;
+                tracing::warn!(node = self.name, revision, attempt = j.attempts, "resuming a hand back an earlier helper did not finish");
+                j
+            }
+            other => {
+                if let Some(stale) = other.filter(|j| j.applied.is_none()) {
+                    tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
+                    self.roll_back(spec, &stale).await;
+                }
+                let was_active = self.systemd.state().await?.is_active();
+                let files = vec![(manifest.host.display().to_string(), placed.is_some())];
+                Journal { revision: revision.clone(), attempts: 1, was_active, files, request: None, adopting: false, restarted: false, applied: None }
+            }
+        };
+        self.journal.save(&j)?;
+        // Our kcm leads: it goes first, and its Lease to a kcm on another master (already
+        // handed back, or ours), since a kcm process left on this host (kubeadm's, starting)
+        // would keep the fence from releasing it: 15 s without a leader. This master then runs
+        // no kcm until kubeadm's serves (decide lets the leader's master go only while every
+        // other master serves). A follower's kcm stops only once kubeadm's serves.
+        if self.holds_kcm_lease().await {
+            j.restarted = true;
+            self.journal.save(&j)?;
+            self.stop_with_handoff().await?;
+        }
+        if placed.is_none() {
+            self.host.write_atomic(&manifest, &body, 0o600)?;
+            tracing::info!(node = self.name, manifest = %manifest.host.display(), "kubeadm's kcm static pod manifest put back");
+        }
+        journal::crash_point(self.host, "static-pod-back");
+        let (ip, port) = kubeadm_healthz(&flags);
+        if let Err(e) = self.wait_kubeadm_healthy(spec, ip, port).await {
+            self.roll_back(spec, &j).await;
+            self.journal.remove()?;
+            return Err(e);
+        }
+        // From here a rollback restarts ours (handing the Lease off): journaled first.
+        if !j.restarted {
+            j.restarted = true;
+            self.journal.save(&j)?;
+        }
+        self.stop_with_handoff().await?;
+        self.systemd.systemctl(&["disable", &self.systemd.unit]).await?;
+        self.host.forget_previous(&manifest)?;
+        let report = Report {
+            applied_revision: Some(revision.clone()),
+            unit_active: false,
+            // kubeadm's kcm answers /healthz here: the master has a working kcm.
+            healthy: true,
+            kcm_version: None,
+            message: Some(format!("handed back: kubeadm's kcm static pod answers /healthz on {ip}:{port}; {} stopped and disabled", self.systemd.unit)),
+            ..Default::default()
+        };
+        j.applied = Some(report.clone());
+        if let Err(e) = self.journal.save(&j) {
+            tracing::error!(node = self.name, "marking the hand back applied in its journal: {e}; removing the journal");
+            self.journal.remove()?;
+        }
+        tracing::info!(node = self.name, revision, "handed back to kubeadm's kcm");
+        Ok(report)
+    }
+
+    /// Waits until a kcm not of our unit runs on this host and answers /healthz on `ip:port`.
+    async fn wait_kubeadm_healthy(&self, spec: &KubeControllerManagerSpec, ip: std::net::IpAddr, port: u16) -> Result<(), StepError> {
+        // The kubelet has to see the manifest and start the container first.
+        let secs = u64::from(spec.kcm.health_timeout_seconds) + 60;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let proc_root = self.host.root().join("proc");
+        let mut last = String::from("no kcm of kubeadm's running yet");
+        while tokio::time::Instant::now() < deadline {
+            if !foreign_kcm_pids(&proc_root).is_empty() {
+                match probe::healthz_unverified(ip, port, Duration::from_secs(3)).await {
+                    Ok(h) if h.ok() => return Ok(()),
+                    Ok(h) => last = format!("status {} body {:?}", h.status, h.body.trim()),
+                    Err(e) => last = e,
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(StepError::KubeadmUnhealthy { addr: format!("{ip}:{port}"), secs, last })
+    }
+
     /// Restarts the unit. When this master's kcm holds kcm's Lease, it is stopped first and,
     /// once confirmed down, the Lease is released (as client-go releases it), so a running
     /// follower takes over within its retry period instead of waiting out the lease.
@@ -248,6 +419,15 @@ impl Node<'_> {
             self.systemd.systemctl(&["restart", &self.systemd.unit]).await?;
             return Ok(());
         }
+        self.stop_with_handoff().await?;
+        self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
+        Ok(())
+    }
+
+    /// Stops the unit; when this master's kcm held kcm's Lease and no kcm process is left on
+    /// this host, releases the Lease and waits a little for a kcm elsewhere to take it.
+    async fn stop_with_handoff(&self) -> Result<(), StepError> {
+        let held = self.holds_kcm_lease().await;
         // `systemctl stop` returns once the process has exited (or was killed at TimeoutStopSec).
         self.systemd.systemctl(&["stop", &self.systemd.unit]).await?;
         journal::crash_point(self.host, "unit-stopped");
@@ -259,7 +439,7 @@ impl Node<'_> {
         if !left.is_empty() {
             tracing::warn!(node = self.name, pids = ?left, "kcm stopped but kube-controller-manager process(es) remain on this host: Lease not released");
         }
-        if state.main_pid == 0 && left.is_empty() {
+        if held && state.main_pid == 0 && left.is_empty() {
             match self.release_kcm_lease().await {
                 Ok(true) => {
                     tracing::info!(node = self.name, "kcm stopped and confirmed down: released its Lease for a follower");
@@ -274,7 +454,6 @@ impl Node<'_> {
                 Err(e) => tracing::warn!(node = self.name, "releasing kcm's Lease: {e} (a follower takes over when it expires)"),
             }
         }
-        self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
         Ok(())
     }
 
@@ -432,6 +611,16 @@ impl Node<'_> {
             .collect()
     }
 
+    /// On a master handed back: whether our unit is active (it should not be), and whether
+    /// kubeadm's kcm answers /healthz where its manifest says.
+    pub async fn observe_handed_back(&self, spec: &KubeControllerManagerSpec) -> (bool, bool) {
+        let active = self.systemd.state().await.map(|s| s.is_active()).unwrap_or(false);
+        let manifest = self.host.resolve("staticPodManifest", &spec.paths.static_pod_manifest).ok().and_then(|hp| self.host.read_optional(&hp).ok().flatten());
+        let Some(flags) = manifest.and_then(|b| kcm_operator::render::static_pod_flags(&String::from_utf8_lossy(&b)).ok()) else { return (active, false) };
+        let (ip, port) = kubeadm_healthz(&flags);
+        (active, probe::healthz_unverified(ip, port, Duration::from_secs(3)).await.is_ok_and(|h| h.ok()))
+    }
+
     /// The unit's state and health as they are, for reports between steps.
     pub async fn observe(&self, spec: &KubeControllerManagerSpec, ca_pem: &str, ip: std::net::IpAddr) -> (bool, bool) {
         let active = self.systemd.state().await.map(|s| s.is_active()).unwrap_or(false);
@@ -469,6 +658,36 @@ mod tests {
         let mut none = spec.clone();
         none.paths.static_pod_manifest.clear();
         assert_eq!(adopted_path(&none), None);
+    }
+
+    #[test]
+    fn kubeadm_kcm_answers_where_its_manifest_binds() {
+        let f = |v: &[(&str, &str)]| v.iter().map(|(n, v)| (n.to_string(), Some(v.to_string()))).collect::<Vec<_>>();
+        assert_eq!(kubeadm_healthz(&f(&[("bind-address", "127.0.0.1")])), ("127.0.0.1".parse().unwrap(), 10257));
+        assert_eq!(kubeadm_healthz(&f(&[("bind-address", "0.0.0.0"), ("secure-port", "10259")])), ("127.0.0.1".parse().unwrap(), 10259));
+        assert_eq!(kubeadm_healthz(&f(&[("bind-address", "10.0.0.5")])), ("10.0.0.5".parse().unwrap(), 10257));
+        assert_eq!(kubeadm_healthz(&[]), ("127.0.0.1".parse().unwrap(), 10257));
+    }
+
+    #[test]
+    fn kubeadm_credentials_that_expired_refuse_the_hand_back() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["x".into()]).unwrap();
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(1_000).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(2_000).unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &pem);
+        let embedded = format!("users:\n- name: u\n  user:\n    client-certificate-data: {data}\n");
+        let none = |_: &str| None;
+        assert_eq!(kubeadm_credentials_problem("/k", &embedded, none, 1_500), None);
+        let p = kubeadm_credentials_problem("/k", &embedded, none, 2_000).expect("expired");
+        assert!(p.contains("expired at") && p.contains("kubeadm certs renew"), "{p}");
+        let by_file = "users:\n- name: u\n  user:\n    client-certificate: /etc/kubernetes/pki/cm.crt\n";
+        let read = |f: &str| (f == "/etc/kubernetes/pki/cm.crt").then(|| pem.clone().into_bytes());
+        assert!(kubeadm_credentials_problem("/k", by_file, read, 2_500).is_some_and(|p| p.contains("expired")));
+        assert!(kubeadm_credentials_problem("/k", by_file, none, 1_500).is_some_and(|p| p.contains("cannot be read")));
+        assert_eq!(kubeadm_credentials_problem("/k", "users:\n- name: u\n  user:\n    token: abc\n", none, 2_500), None, "no certificate: not judged");
+        assert!(kubeadm_credentials_problem("/k", "{", none, 0).is_some());
     }
 
     #[test]

@@ -506,9 +506,10 @@ pub fn runs_ours(n: &NodeStatus) -> bool {
 }
 
 /// `spec.handBack` (after any step under way has ended): each master that runs our kcm gets
-/// a hand-back step, one at a time, the kcm leader's master last. A hand back takes nothing
-/// down (kubeadm's kcm serves before ours stops), so it does not wait for the others'
-/// health; a master without a fresh report is passed over (no helper there to act) and
+/// a hand-back step, one at a time, the kcm leader's master last. A follower's hand back
+/// takes nothing down (kubeadm's kcm serves before ours stops), so it does not wait for the
+/// others' health; the leader's stops ours first (to hand its Lease off) and obeys
+/// [`availability_blocker`]. A master without a fresh report is passed over (no helper there to act) and
 /// holds the end. A failed hand back (refused, or kubeadm's kcm never healthy: ours kept)
 /// is tried again after the repair backoff. Renewals and repairs do not run.
 fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeStatus], f: &Facts<'_>) -> Decision {
@@ -534,6 +535,11 @@ fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeSt
                 }
                 continue;
             }
+        }
+        // The leader's master stops our kcm before kubeadm's serves (its Lease handed off):
+        // only while every other master serves.
+        if let Some((node, why)) = availability_blocker(nodes, n, now).filter(|_| Some(n.name.as_str()) == f.leader) {
+            return Decision::Wait { node, why };
         }
         return Decision::Go { node: n.name.clone(), revision: Revision::hand_back(rev, now).to_string(), why: "spec.handBack: kubeadm".to_string() };
     }
@@ -1155,6 +1161,13 @@ mod tests {
         assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m3"));
         let st = vec![done("m1", &rev), handed("m2", NOW - 60), handed("m3", NOW - 30)];
         assert!(matches!(run(&s, &st, Some("m1")), Decision::Go { node, .. } if node == "m1"), "the leader's master last");
+        let mut down = handed("m3", NOW - 30);
+        down.report.healthy = false;
+        let st = vec![done("m1", &rev), handed("m2", NOW - 60), down];
+        assert!(
+            matches!(run(&s, &st, Some("m1")), Decision::Wait { node, .. } if node == "m3"),
+            "the leader's master stops ours first: only while the others serve"
+        );
         // Never adopted (no kcm of ours there): nothing to hand back.
         let st = vec![reported("m1"), handed("m2", NOW - 60), handed("m3", NOW - 30)];
         assert_eq!(run(&s, &st, Some("m1")), Decision::HandedBack);
