@@ -127,7 +127,7 @@ kind_e2e() {
   # One file at a time, in this order: each leaves the cluster as the next expects it.
   local t
   # (`step` runs this in an `if`, where `set -e` does not apply: every failure returns.)
-  for t in testbed kind_ha kind_operator kind_apiserver kind_rescue kind_crash kind_idle kind_rotation kind_bootstrap kind_day0; do
+  for t in testbed kind_ha kind_operator kind_apiserver kind_rescue kind_crash kind_idle kind_rotation kind_handback kind_bootstrap kind_day0; do
     cargo test -p e2e --test "$t" -- --test-threads 1 --nocapture || return 1
   done
 }

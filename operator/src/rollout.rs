@@ -511,7 +511,7 @@ pub fn runs_ours(n: &NodeStatus) -> bool {
 /// others' health; the leader's stops ours first (to hand its Lease off) and obeys
 /// [`availability_blocker`]. A master without a fresh report is passed over (no helper there to act) and
 /// holds the end. A failed hand back (refused, or kubeadm's kcm never healthy: ours kept)
-/// is tried again after the repair backoff. Renewals and repairs do not run.
+/// is tried again after the repair backoff, and the leader's master waits for it. Renewals and repairs do not run.
 fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeStatus], f: &Facts<'_>) -> Decision {
     let now = f.now;
     let mut todo: Vec<&NodeStatus> = nodes.iter().filter(|n| runs_ours(n)).collect();
@@ -535,6 +535,10 @@ fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeSt
                 }
                 continue;
             }
+        }
+        // The leader's master goes last: after a follower whose hand back failed, too.
+        if Some(n.name.as_str()) == f.leader && matches!(held, Some(Decision::Backoff { .. })) {
+            break;
         }
         // The leader's master stops our kcm before kubeadm's serves (its Lease handed off):
         // only while every other master serves.
@@ -1199,6 +1203,8 @@ mod tests {
             n.report.unit_active = false;
             n
         };
+        let d = run(&s, &[done("m1", &rev), refused.clone(), handed("m3")], Some("m1"));
+        assert!(matches!(&d, Decision::Backoff { node, .. } if node == "m2"), "the leader's master waits for the follower's retry: {d:?}");
         let d = run(&s, &[handed("m1"), refused.clone(), handed("m3")], None);
         assert!(matches!(&d, Decision::Backoff { node, step: BackoffStep::HandBack, reason } if node == "m2" && reason.contains("kept aside")), "{d:?}");
         let mut st = vec![handed("m1"), refused, handed("m3")];
