@@ -1465,15 +1465,18 @@ mod tests {
     type Check<'a> = dyn FnMut(&[NodeStatus], &[Case], Option<&str>, &Decision) + 'a;
 
     fn every_cluster(count: usize, check: &mut Check<'_>) -> usize {
-        let s = spec();
-        let rev = spec_revision(&s);
+        every_cluster_of(&spec(), count, check)
+    }
+
+    fn every_cluster_of(s: &KubeControllerManagerSpec, count: usize, check: &mut Check<'_>) -> usize {
+        let rev = spec_revision(s);
         let names: Vec<String> = (1..=count).map(|i| format!("m{i}")).collect();
         let mut seen = 0;
         for code in 0..CASES.len().pow(count as u32) {
             let cases: Vec<Case> = (0..count).map(|i| CASES[code / CASES.len().pow(i as u32) % CASES.len()]).collect();
             let st: Vec<NodeStatus> = names.iter().zip(&cases).map(|(n, c)| master(n, *c, &rev)).collect();
             for leader in std::iter::once(None).chain(names.iter().map(|n| Some(n.as_str()))) {
-                let d = decide(&s, &Facts { masters: &names, status: &st, leader, ca_not_after: None, now: NOW });
+                let d = decide(s, &Facts { masters: &names, status: &st, leader, ca_not_after: None, now: NOW });
                 check(&st, &cases, leader, &d);
                 seen += 1;
             }
@@ -1492,6 +1495,58 @@ mod tests {
             (Serving::Up, false) => Some(1),
             _ if fresh(n, NOW) && wanted(s, &rev, n, None, NOW).is_some() => Some(2),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn every_cluster_of_3_and_4_masters_hands_back_one_at_a_time_leader_last() {
+        let mut s = spec();
+        s.hand_back = Some(crate::api::HandBack::Kubeadm);
+        for count in [3, 4] {
+            let mut violations: Vec<String> = Vec::new();
+            let seen = every_cluster_of(&s, count, &mut |st, cases, leader, d| {
+                let mut bad = |what: &str| {
+                    if violations.len() < 20 {
+                        violations.push(format!("{what}: {cases:?} leader {leader:?} -> {d:?}"));
+                    }
+                };
+                let ours: Vec<&NodeStatus> = st.iter().filter(|n| runs_ours(n)).collect();
+                if cases.contains(&Case::UnderWay) && matches!(d, Decision::Go { .. }) {
+                    bad("a step given while one is under way");
+                }
+                if matches!(d, Decision::Stop { .. }) {
+                    bad("a hand back never stops: it retries");
+                }
+                if (*d == Decision::HandedBack) != (ours.is_empty() && !cases.contains(&Case::UnderWay)) {
+                    bad("HandedBack exactly when no master runs our kcm");
+                }
+                let Decision::Go { node, revision, .. } = d else { return };
+                let n = st.iter().find(|n| &n.name == node).unwrap();
+                if !revision.parse::<Revision>().is_ok_and(|r| r.hand_back_at() == Some(NOW)) {
+                    bad("only hand-back steps");
+                }
+                if !runs_ours(n) || !fresh(n, NOW) {
+                    bad("a hand back for a master without our kcm or without a fresh report");
+                }
+                if Some(node.as_str()) == leader {
+                    // Last: no other master could have gone instead (fresh, ours, not backing off).
+                    let other = st.iter().zip(cases).any(|(o, c)| &o.name != node && runs_ours(o) && fresh(o, NOW) && *c != Case::FailedRepair);
+                    if other {
+                        bad("the leader's master before a follower that could go");
+                    }
+                    // (A leader's master whose kcm is down already takes nothing down.)
+                    if serving(n, NOW) != Serving::Down && st.iter().any(|o| &o.name != node && matches!(serving(o, NOW), Serving::Down | Serving::Unknown)) {
+                        bad("the leader's kcm stopped while another master does not serve");
+                    }
+                }
+            });
+            assert!(
+                violations.is_empty(),
+                "{} of {seen} hand-back decisions for {count} masters break an invariant:\n{}",
+                violations.len(),
+                violations.join("\n")
+            );
+            println!("{count} masters, handing back: {seen} decisions checked");
         }
     }
 
