@@ -46,8 +46,8 @@ async fn hand_back_to_kubeadm_and_adopt_again() {
     let aside = format!("{kept}.e2e-aside");
     assert!(on_node(&bad, &format!("mv {kept} {aside}")).0);
     let pid_before = e2e::leadership::unit_facts(&bad).main_pid;
-    // A short health timeout: the refused master's retry comes a minute after the refusal.
-    patch_cr(&c, &serde_json::json!({"spec": {"handBack": "kubeadm", "kcm": {"healthTimeoutSeconds": 30}}})).await.unwrap();
+    // A short health timeout: the refused master is tried again 45 s after the refusal.
+    patch_cr(&c, &serde_json::json!({"spec": {"handBack": "kubeadm", "kcm": {"healthTimeoutSeconds": 15}}})).await.unwrap();
     let refused = poll("the hand back refused on the master without a kept manifest", Duration::from_secs(120), || async {
         let (_, s) = cr(&c).await?;
         let n = s.nodes.iter().find(|n| n.name == bad)?;
