@@ -139,25 +139,9 @@ impl Node<'_> {
             install::Issuer::Local { id, .. } => install::prepare_for(self.host, spec, id.clone()).await?,
             install::Issuer::Signer { .. } => install::prepare(self.client, self.host, spec, self.name).await?,
         };
-        let mut j = match found {
-            Some(mut j) if j.revision == revision => {
-                if let Recovery::RollBack { why } = journal::recovery(&j, Some(revision)) {
-                    self.roll_back(spec, &j).await;
-                    self.journal.remove()?;
-                    return Err(StepError::Interrupted(why));
-                }
-                j.attempts += 1;
-                tracing::warn!(node = self.name, revision, attempt = j.attempts, "resuming a step an earlier helper did not finish");
-                j
-            }
-            other => {
-                // A finished step of another revision has nothing to roll back.
-                if let Some(stale) = other.filter(|j| j.applied.is_none()) {
-                    tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
-                    self.roll_back(spec, &stale).await;
-                }
-                self.begin(revision, &prepared).await?
-            }
+        let mut j = match self.resume(spec, found, revision).await? {
+            Some(j) => j,
+            None => self.begin(revision, &prepared).await?,
         };
         self.journal.save(&j)?;
         let result = self.run_step(spec, target, &prepared, &mut j).await;
@@ -185,6 +169,32 @@ impl Node<'_> {
                 self.roll_back(spec, &j).await;
                 self.journal.remove()?;
                 Err(e)
+            }
+        }
+    }
+
+    /// The journal `found` for step `revision`: resumed (`Some`, one more attempt), or, past
+    /// [`journal::MAX_ATTEMPTS`], rolled back (`Err`). `None`: a new step begins; an
+    /// interrupted step of another revision is rolled back first (a finished one has nothing
+    /// to roll back).
+    async fn resume(&self, spec: &KubeControllerManagerSpec, found: Option<Journal>, revision: &str) -> Result<Option<Journal>, StepError> {
+        match found {
+            Some(mut j) if j.revision == revision => {
+                if let Recovery::RollBack { why } = journal::recovery(&j, Some(revision)) {
+                    self.roll_back(spec, &j).await;
+                    self.journal.remove()?;
+                    return Err(StepError::Interrupted(why));
+                }
+                j.attempts += 1;
+                tracing::warn!(node = self.name, revision, attempt = j.attempts, "resuming a step an earlier helper did not finish");
+                Ok(Some(j))
+            }
+            other => {
+                if let Some(stale) = other.filter(|j| j.applied.is_none()) {
+                    tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
+                    self.roll_back(spec, &stale).await;
+                }
+                Ok(None)
             }
         }
     }
@@ -321,22 +331,9 @@ impl Node<'_> {
                 return Err(StepError::HandBackRefused(problem));
             }
         }
-        let mut j = match found {
-            Some(mut j) if j.revision == revision => {
-                if let Recovery::RollBack { why } = journal::recovery(&j, Some(&revision)) {
-                    self.roll_back(spec, &j).await;
-                    self.journal.remove()?;
-                    return Err(StepError::Interrupted(why));
-                }
-                j.attempts += 1;
-                tracing::warn!(node = self.name, revision, attempt = j.attempts, "resuming a hand back an earlier helper did not finish");
-                j
-            }
-            other => {
-                if let Some(stale) = other.filter(|j| j.applied.is_none()) {
-                    tracing::warn!(node = self.name, stale = %stale.revision, "rolling back an interrupted step first");
-                    self.roll_back(spec, &stale).await;
-                }
+        let mut j = match self.resume(spec, found, &revision).await? {
+            Some(j) => j,
+            None => {
                 let was_active = self.systemd.state().await?.is_active();
                 let files = vec![(manifest.host.display().to_string(), placed.is_some())];
                 Journal { revision: revision.clone(), attempts: 1, was_active, files, request: None, adopting: false, restarted: false, applied: None }
