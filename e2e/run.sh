@@ -3,7 +3,7 @@
 #   bash e2e/run.sh up     a kind cluster with 3 control-plane nodes, the operator's images
 #                          loaded and manifests/kind applied
 #   bash e2e/run.sh test   every test: fmt and clippy, unit, CRD drift, API tier, kind e2e,
-#                          the version matrix
+#                          the version matrix (clippy, unit and CRD drift in the background)
 #   bash e2e/run.sh bench  the benchmarks, side by side with the alternatives, on the cluster
 #                          `up` made (plus API tiers of their own): e2e/bench/RESULTS.md
 #   bash e2e/run.sh down   delete the cluster
@@ -44,14 +44,38 @@ unit_tests() {
   cargo test --workspace --lib --bins
 }
 
-# Style and lints: rustfmt.toml's format, no clippy warning in any target.
-lint() {
+# Style: rustfmt.toml's format (first: it takes a second).
+fmt_check() {
   if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add rustfmt clippy || return 1
   fi
   cargo fmt --all -- --check || { log "cargo fmt --all would change the files above"; return 1; }
-  cargo clippy --workspace --all-targets -- -D warnings
 }
+
+# Lints: no clippy warning in any target.
+clippy_check() { cargo clippy --workspace --all-targets -- -D warnings; }
+
+# The checks that need no cluster (clippy, unit tests, CRD drift) run in the background,
+# while the binaries are built, the cluster comes up and the kind tests run (those mostly
+# wait): `nice` 19, taking only the CPU they leave, in a target dir of their own (the kind
+# tests' cargo would otherwise wait for its lock). Their result is awaited before the end.
+OFFLINE_PID=
+start_offline_checks() {
+  export -f log step clippy_check unit_tests crd_drift
+  CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-offline" setsid nice -n 19 \
+    bash -c 'step clippy clippy_check && step unit-tests unit_tests && step crd-drift crd_drift' \
+    >"$KCM_STATE/offline-checks.log" 2>&1 </dev/null &
+  OFFLINE_PID=$!
+  log "clippy, unit tests and CRD drift in the background (log: $KCM_STATE/offline-checks.log)"
+}
+wait_offline_checks() {
+  local rc=0
+  wait "$OFFLINE_PID" || rc=$?
+  OFFLINE_PID=
+  cat "$KCM_STATE/offline-checks.log" >&2
+  return $rc
+}
+stop_offline_checks() { if [ -n "$OFFLINE_PID" ]; then kill -- "-$OFFLINE_PID" 2>/dev/null; fi; true; }
 
 crd_drift() {
   local tmp; tmp=$(mktemp)
@@ -175,18 +199,19 @@ cmd_up() {
 cmd_test() {
   local t0=$SECONDS
   step toolchain ensure_toolchain
-  step lint lint
-  step unit-tests unit_tests
-  step crd-drift crd_drift
+  step fmt fmt_check
+  start_offline_checks
+  trap 'stop_offline_checks; step cluster-down cluster_down || true' EXIT
   step k8s-binaries k8s_bins
   start_matrix_build
-  trap 'stop_matrix_build; stop_static_build; step cluster-down cluster_down || true' EXIT
+  trap 'stop_offline_checks; stop_matrix_build; stop_static_build; step cluster-down cluster_down || true' EXIT
   step api-tier api_tier
   start_static_build
   step cluster-up cluster_up
   step images build_images
   step load-images load_images
   step kind-e2e kind_e2e
+  step offline-checks wait_offline_checks
   step matrix-binaries wait_matrix_build
   step version-matrix version_matrix
   log "all tests passed in $((SECONDS - t0))s"
