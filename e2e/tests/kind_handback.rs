@@ -38,6 +38,8 @@ async fn hand_back_to_kubeadm_and_adopt_again() {
     }
     let health = HealthWatch::start(&c, &masters).await;
     let watch = Watch::start(&masters);
+    // From the watcher's first Lease read: before it, nothing is known.
+    poll("the Lease watcher's first read", Duration::from_secs(10), || async { watch.latest().map(|_| ()) }).await.expect("the Lease watcher reads");
     let t0 = now_secs();
 
     // Bad input: the first follower's kept manifest is gone. The hand back is refused there
