@@ -348,7 +348,7 @@ impl Node<'_> {
         if self.holds_kcm_lease().await {
             j.restarted = true;
             self.journal.save(&j)?;
-            self.stop_with_handoff().await?;
+            self.stop_with_handoff(true).await?;
         }
         if placed.is_none() {
             self.host.write_atomic(&manifest, &body, 0o600)?;
@@ -366,7 +366,8 @@ impl Node<'_> {
             j.restarted = true;
             self.journal.save(&j)?;
         }
-        self.stop_with_handoff().await?;
+        let held = self.holds_kcm_lease().await;
+        self.stop_with_handoff(held).await?;
         self.systemd.systemctl(&["disable", &self.systemd.unit]).await?;
         self.host.forget_previous(&manifest)?;
         let report = Report {
@@ -416,15 +417,15 @@ impl Node<'_> {
             self.systemd.systemctl(&["restart", &self.systemd.unit]).await?;
             return Ok(());
         }
-        self.stop_with_handoff().await?;
+        self.stop_with_handoff(true).await?;
         self.systemd.systemctl(&["start", &self.systemd.unit]).await?;
         Ok(())
     }
 
     /// Stops the unit; when this master's kcm held kcm's Lease and no kcm process is left on
     /// this host, releases the Lease and waits a little for a kcm elsewhere to take it.
-    async fn stop_with_handoff(&self) -> Result<(), StepError> {
-        let held = self.holds_kcm_lease().await;
+    /// `held`: whether this master's kcm held the Lease just before (the caller looked).
+    async fn stop_with_handoff(&self, held: bool) -> Result<(), StepError> {
         // `systemctl stop` returns once the process has exited (or was killed at TimeoutStopSec).
         self.systemd.systemctl(&["stop", &self.systemd.unit]).await?;
         journal::crash_point(self.host, "unit-stopped");
