@@ -21,6 +21,8 @@ TESTBED="$HERE/testbed/testbed.sh"
 # The pinned versions (versions.env), each overridable from the environment.
 source "$HERE/testbed/versions.sh"
 STATIC_TARGET=x86_64-unknown-linux-gnu
+# Read by the background jobs (bg_start), which run in a bash of their own.
+export HERE STATIC_TARGET
 
 log() { printf '[run %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 step() { # step NAME cmd... : run, print wall time
@@ -55,27 +57,34 @@ fmt_check() {
 # Lints: no clippy warning in any target.
 clippy_check() { cargo clippy --workspace --all-targets -- -D warnings; }
 
-# The checks that need no cluster (clippy, unit tests, CRD drift) run in the background,
-# while the binaries are built, the cluster comes up and the kind tests run (those mostly
-# wait): `nice` 19, taking only the CPU they leave, in a target dir of their own (the kind
-# tests' cargo would otherwise wait for its lock). Their result is awaited before the end.
-OFFLINE_PID=
-start_offline_checks() {
-  export -f log step clippy_check unit_tests crd_drift
-  CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-offline" setsid nice -n 19 \
-    bash -c 'step clippy clippy_check && step unit-tests unit_tests && step crd-drift crd_drift' \
-    >"$KCM_STATE/offline-checks.log" 2>&1 </dev/null &
-  OFFLINE_PID=$!
-  log "clippy, unit tests and CRD drift in the background (log: $KCM_STATE/offline-checks.log)"
+# The checks that need no cluster run in the background in `test`, while the binaries are
+# built, the cluster comes up and the kind tests run (those mostly wait), in a target dir of
+# their own (the kind tests' cargo would otherwise wait for its lock).
+offline_checks() {
+  export CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-offline"
+  step clippy clippy_check && step unit-tests unit_tests && step crd-drift crd_drift
 }
-wait_offline_checks() {
-  local rc=0
-  wait "$OFFLINE_PID" || rc=$?
-  OFFLINE_PID=
-  cat "$KCM_STATE/offline-checks.log" >&2
+
+# Background jobs of `test`: each in a session of its own (setsid), so that a failed run
+# stops all of it (rustc and go build included), at a CPU priority below the steps in
+# front of it; its output in $KCM_STATE/<name>.log, printed when it is awaited.
+declare -A BG_PIDS=()
+bg_start() { # bg_start NAME NICENESS FUNCTION [FUNCTIONS IT CALLS...]
+  local name=$1 niceness=$2 fn=$3
+  export -f "${@:3}"
+  setsid nice -n "$niceness" bash -c "$fn" >"$KCM_STATE/$name.log" 2>&1 </dev/null &
+  BG_PIDS[$name]=$!
+  log "$name in the background (log: $KCM_STATE/$name.log)"
+}
+bg_running() { [ -n "${BG_PIDS[$1]:-}" ]; }
+bg_wait() { # bg_wait NAME [LINES]: its exit status; its log, only the last LINES when it passed
+  local name=$1 lines=${2:-} rc=0
+  wait "${BG_PIDS[$name]}" || rc=$?
+  unset "BG_PIDS[$name]"
+  if [ -n "$lines" ] && [ $rc -eq 0 ]; then tail -n "$lines" "$KCM_STATE/$name.log" >&2; else cat "$KCM_STATE/$name.log" >&2; fi
   return $rc
 }
-stop_offline_checks() { if [ -n "$OFFLINE_PID" ]; then kill -- "-$OFFLINE_PID" 2>/dev/null; fi; true; }
+bg_stop_all() { local p; for p in "${BG_PIDS[@]}"; do kill -- "-$p" 2>/dev/null; done; true; }
 
 crd_drift() {
   local tmp; tmp=$(mktemp)
@@ -99,22 +108,6 @@ k8s_matrix_bins() {
     K8S_VERSION=$v K8S_COMPONENTS="kube-apiserver kube-controller-manager" nice -n 19 bash "$HERE/testbed/build-k8s.sh" || return 1
   done
 }
-MATRIX_PID=
-start_matrix_build() {
-  # A session of its own (setsid), so that a failed run stops all of it (go build included).
-  export HERE; export -f k8s_matrix_bins
-  setsid bash -c k8s_matrix_bins >"$KCM_STATE/k8s-matrix.log" 2>&1 </dev/null &
-  MATRIX_PID=$!
-  log "building the version matrix's binaries in the background (log: $KCM_STATE/k8s-matrix.log)"
-}
-wait_matrix_build() {
-  local rc=0
-  wait "$MATRIX_PID" || rc=$?
-  MATRIX_PID=
-  cat "$KCM_STATE/k8s-matrix.log" >&2
-  return $rc
-}
-stop_matrix_build() { if [ -n "$MATRIX_PID" ]; then kill -- "-$MATRIX_PID" 2>/dev/null; fi; true; }
 
 api_tier() {
   cargo test -p e2e --test api_tier --test manifests --test admission -- --test-threads 2
@@ -133,25 +126,10 @@ static_build() {
   RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$KCM_CACHE/cargo-target-static" \
     cargo build --release --target "$STATIC_TARGET" -p kcm-operator -p node-helper
 }
-# `test` compiles the image's binaries while the cluster comes up (debootstrap, kubeadm: they
-# mostly wait): on a fresh machine that release build is the longest step. `nice` 10: the
-# cluster's own processes come first.
-STATIC_PID=
-start_static_build() {
-  export -f static_build; export STATIC_TARGET
-  # A session of its own (setsid), so that a failed run stops all of it (rustc included).
-  setsid nice -n 10 bash -c static_build >"$KCM_STATE/static-build.log" 2>&1 </dev/null &
-  STATIC_PID=$!
-  log "building the image's binaries in the background (log: $KCM_STATE/static-build.log)"
-}
-stop_static_build() { if [ -n "$STATIC_PID" ]; then kill -- "-$STATIC_PID" 2>/dev/null; fi; true; }
 build_images() {
-  if [ -n "$STATIC_PID" ]; then
-    local rc=0
-    wait "$STATIC_PID" || rc=$?
-    STATIC_PID=
-    tail -n 5 "$KCM_STATE/static-build.log" >&2
-    if [ $rc -ne 0 ]; then cat "$KCM_STATE/static-build.log" >&2; return $rc; fi
+  # `test` started it in the background, while the cluster came up.
+  if bg_running static-build; then
+    bg_wait static-build 5 || return 1
   else
     static_build || return 1
   fi
@@ -200,19 +178,21 @@ cmd_test() {
   local t0=$SECONDS
   step toolchain ensure_toolchain
   step fmt fmt_check
-  start_offline_checks
-  trap 'stop_offline_checks; step cluster-down cluster_down || true' EXIT
+  trap 'bg_stop_all; step cluster-down cluster_down || true' EXIT
+  # nice 19: only the CPU the steps in front leave.
+  bg_start offline-checks 19 offline_checks log step clippy_check unit_tests crd_drift
   step k8s-binaries k8s_bins
-  start_matrix_build
-  trap 'stop_offline_checks; stop_matrix_build; stop_static_build; step cluster-down cluster_down || true' EXIT
+  bg_start k8s-matrix 19 k8s_matrix_bins
   step api-tier api_tier
-  start_static_build
+  # While the cluster comes up (debootstrap, kubeadm: they mostly wait); on a fresh machine
+  # this release build is the longest step. nice 10: the cluster's processes come first.
+  bg_start static-build 10 static_build
   step cluster-up cluster_up
   step images build_images
   step load-images load_images
   step kind-e2e kind_e2e
-  step offline-checks wait_offline_checks
-  step matrix-binaries wait_matrix_build
+  step offline-checks bg_wait offline-checks
+  step matrix-binaries bg_wait k8s-matrix
   step version-matrix version_matrix
   log "all tests passed in $((SECONDS - t0))s"
 }
