@@ -437,7 +437,7 @@ impl Helper {
                     }
                 }
             }
-            _ if handed_back(&keep) => {
+            _ if keep.handed_back() => {
                 let (unit_active, healthy) = step.observe_handed_back(spec).await;
                 Report { unit_active, healthy, ..keep }
             }
@@ -464,7 +464,7 @@ impl Helper {
         // follows kcm every 100 ms on it).
         let (paths, hashes, baseline, host_fs) = (spec.paths.clone(), report.file_hashes.clone(), report.applied_revision.is_some(), host.clone());
         // Handed back, our files are kubeadm's kcm's business no more: no drift to repair.
-        let skip_drift = handed_back(&report);
+        let skip_drift = report.handed_back();
         let (hashes, drift) = tokio::task::spawn_blocking(move || {
             if skip_drift {
                 return (hashes, Vec::new());
@@ -571,11 +571,6 @@ impl Helper {
         }
         Ok(())
     }
-}
-
-/// Whether the master's last applied step handed it back to kubeadm's kcm.
-fn handed_back(r: &Report) -> bool {
-    r.applied_revision.as_deref().and_then(|a| a.parse::<kcm_operator::api::Revision>().ok()).is_some_and(|a| a.hand_back_at().is_some())
 }
 
 /// The status a look starts from: the API's at this look's GET, else what this helper last

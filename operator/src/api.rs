@@ -765,6 +765,17 @@ pub struct KcmNodeStatus {
     pub operator_pod_error: Option<String>,
 }
 
+impl KcmNodeStatus {
+    /// The revision last applied, when it parses.
+    pub fn applied(&self) -> Option<Revision> {
+        self.applied_revision.as_deref()?.parse().ok()
+    }
+    /// Whether the last applied step handed the master back to kubeadm's kcm.
+    pub fn handed_back(&self) -> bool {
+        self.applied().is_some_and(|r| r.hand_back_at().is_some())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,7 +104,7 @@ pub fn parse_time(s: &str) -> Option<i64> {
 /// longer): see [`ca_expiring`].
 fn wanted(spec: &KubeControllerManagerSpec, rev: &str, n: &NodeStatus, ca_not_after: Option<i64>, now: i64) -> Option<(String, String)> {
     // A master handed back runs kubeadm's kcm, not the spec (the hand back was undone).
-    let applied = n.applied_revision.as_deref().and_then(|r| r.parse::<Revision>().ok()).filter(|r| r.hand_back_at().is_none()).map(|r| r.spec);
+    let applied = n.applied().filter(|r| r.hand_back_at().is_none()).map(|r| r.spec);
     if applied.as_deref() != Some(rev) {
         return Some((rev.to_string(), format!("runs {}, spec is {rev}", n.applied_revision.as_deref().unwrap_or("nothing of ours"))));
     }
@@ -265,6 +265,15 @@ pub fn repair_given_at(revision: &str) -> Option<i64> {
 /// After a failed repair, the next one waits this long (seconds) past the step's own deadline.
 pub const REPAIR_BACKOFF_SECS: i64 = 30;
 
+/// When `n`'s target failed and `given_at` tells when it was given (a repair's or a hand
+/// back's time): when it may be tried again, [`REPAIR_BACKOFF_SECS`] past the step's own
+/// deadline. `None`: its target did not fail, or is of another kind.
+fn retry_after_failure(spec: &KubeControllerManagerSpec, n: &NodeStatus, given_at: impl Fn(&Revision) -> Option<i64>) -> Option<i64> {
+    let failed = n.target_revision.is_some() && n.failed_revision == n.target_revision;
+    let given = n.target_revision.as_deref().filter(|_| failed)?.parse::<Revision>().ok().as_ref().and_then(given_at)?;
+    Some(given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS)
+}
+
 /// Inputs of [`decide`] besides the spec.
 #[derive(Clone, Debug, Default)]
 pub struct Facts<'a> {
@@ -422,9 +431,7 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
     broken.sort_by_key(|(n, p)| (serving(n, now) != Serving::Down, is_leader(n), p.len(), n.name.clone()));
     let mut backing_off = None;
     for (n, p) in &broken {
-        let failed_repair = n.target_revision.is_some() && n.failed_revision == n.target_revision;
-        if let Some(given) = n.target_revision.as_deref().filter(|_| failed_repair).and_then(repair_given_at) {
-            let retry_at = given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
+        if let Some(retry_at) = retry_after_failure(spec, n, Revision::repair_at) {
             if now < retry_at {
                 backing_off.get_or_insert((
                     n.name.clone(),
@@ -502,7 +509,7 @@ pub fn decide(spec: &KubeControllerManagerSpec, f: &Facts<'_>) -> Decision {
 /// Whether master `n` runs our kcm and is not handed back: it has applied a revision of
 /// ours, and not a hand back.
 pub fn runs_ours(n: &NodeStatus) -> bool {
-    n.applied_revision.as_deref().and_then(|r| r.parse::<Revision>().ok()).is_some_and(|r| r.hand_back_at().is_none())
+    n.applied().is_some_and(|r| r.hand_back_at().is_none())
 }
 
 /// `spec.handBack` (after any step under way has ended): each master that runs our kcm gets
@@ -525,9 +532,7 @@ fn decide_hand_back(spec: &KubeControllerManagerSpec, rev: &str, nodes: &[NodeSt
             });
             continue;
         }
-        let failed = n.target_revision.is_some() && n.failed_revision == n.target_revision;
-        if let Some(given) = n.target_revision.as_deref().filter(|_| failed).and_then(|t| t.parse::<Revision>().ok()).and_then(|r| r.hand_back_at()) {
-            let retry_at = given + i64::from(spec.kcm.health_timeout_seconds) + REPAIR_BACKOFF_SECS;
+        if let Some(retry_at) = retry_after_failure(spec, n, Revision::hand_back_at) {
             if now < retry_at {
                 let reason = format!("hand back failed: {}; next try at {}", n.message.as_deref().unwrap_or("?"), ts(retry_at));
                 if !matches!(held, Some(Decision::Backoff { .. })) {
